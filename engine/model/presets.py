@@ -1,0 +1,56 @@
+"""Model presets: plain field values of ModelConfig, not subclasses.
+
+A preset fills the model section first; anything the user writes in `model:` wins.
+Sizes follow the published models so parameter counts can be checked against them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+# GPT-2 family: LayerNorm, learned positions, GELU, biases everywhere, tied embeddings.
+_GPT2 = dict(vocab_size=50257, norm="layernorm", norm_eps=1e-5, activation="gelu", position="learned",
+             tie_embeddings=True, bias=True, max_seq_len=1024, n_kv_heads=None, ffn_hidden=None)
+
+# Llama family: RMSNorm, RoPE, SwiGLU, no biases, untied head.
+_LLAMA = dict(norm="rmsnorm", activation="swiglu", position="rope", tie_embeddings=False, bias=False)
+
+PRESETS: dict[str, dict] = {
+    "gpt2": {**_GPT2, "d_model": 768, "n_layers": 12, "n_heads": 12},
+    "gpt2-medium": {**_GPT2, "d_model": 1024, "n_layers": 24, "n_heads": 16},
+    "gpt2-large": {**_GPT2, "d_model": 1280, "n_layers": 36, "n_heads": 20},
+    "gpt2-xl": {**_GPT2, "d_model": 1600, "n_layers": 48, "n_heads": 25},
+    # A generic Llama-style shape; set the sizes yourself.
+    "llama": {**_LLAMA, "vocab_size": 32000, "norm_eps": 1e-5, "rope_theta": 10000.0},
+    "llama2-7b": {**_LLAMA, "vocab_size": 32000, "d_model": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 32,
+                  "ffn_hidden": 11008, "max_seq_len": 4096, "norm_eps": 1e-5, "rope_theta": 10000.0},
+    "llama3-8b": {**_LLAMA, "vocab_size": 128256, "d_model": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
+                  "ffn_hidden": 14336, "max_seq_len": 8192, "norm_eps": 1e-5, "rope_theta": 500000.0},
+    "llama3.2-1b": {**_LLAMA, "vocab_size": 128256, "d_model": 2048, "n_layers": 16, "n_heads": 32,
+                    "n_kv_heads": 8, "ffn_hidden": 8192, "max_seq_len": 8192, "norm_eps": 1e-5,
+                    "rope_theta": 500000.0, "tie_embeddings": True},
+    # Qwen2: Llama shape plus a bias on q/k/v only.
+    "qwen2": {**_LLAMA, "qkv_bias": True, "norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936},
+    "qwen2-0.5b": {**_LLAMA, "qkv_bias": True, "norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936,
+                   "d_model": 896, "n_layers": 24, "n_heads": 14, "n_kv_heads": 2, "ffn_hidden": 4864,
+                   "max_seq_len": 32768, "tie_embeddings": True},
+    # Mistral 7B: GQA 32/8, SwiGLU 14336.
+    "mistral": {**_LLAMA, "vocab_size": 32000, "d_model": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
+                "ffn_hidden": 14336, "max_seq_len": 32768, "norm_eps": 1e-5, "rope_theta": 1000000.0},
+    # The CPU demo model (~3M parameters with the byte tokenizer).
+    "tiny": {**_LLAMA, "vocab_size": 0, "d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
+             "ffn_hidden": 688, "max_seq_len": 256},
+}
+
+
+def get_preset(name: str) -> dict:
+    """A copy of the preset's field values; a clear error lists the valid names."""
+    from engine.config import ConfigError
+
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"model.preset: unknown preset {name!r}.{hint} Valid presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,66 @@
+"""Forward/backward over the micro-batches of one optimizer step (single pipeline stage).
+
+The pipeline schedules in engine/parallel/pipeline/ provide the same contract for pp > 1:
+take the model chunks and the micro-batches, run forward and backward with the loss scaled by
+`loss_scale / n_micro`, and return the unscaled per-micro-batch losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from engine.model.loss import lm_loss
+
+
+def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """{"tokens": [B, S+1], ...} -> inputs [B, S], targets [B, S] and the optional masking features."""
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    for key in ("position_ids", "doc_ids", "loss_mask"):
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True)
+    return out
+
+
+def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab_size: int,
+                     fused: bool = False) -> torch.Tensor:
+    logits = model(batch["inputs"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+    return lm_loss(logits, batch["targets"], vocab_size, batch.get("loss_mask"), fused=fused)
+
+
+def forward_backward(model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int,
+                     device: torch.device, vocab_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
+                     loss_scale: float = 1.0, no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+                     fused: bool = False) -> list[float]:
+    """Gradient accumulation: grads end up as d(mean over micro-batches of loss * loss_scale)/dθ.
+
+    `no_sync` (data parallel) suppresses gradient reduction on every micro-batch but the last.
+    Returns the per-micro-batch losses (unscaled floats).
+    """
+    losses = []
+    it = iter(micro_batches)
+    for i in range(n_micro):
+        batch = split_batch(next(it), device)
+        sync_ctx = no_sync() if (no_sync is not None and i < n_micro - 1) else contextlib.nullcontext()
+        with sync_ctx:
+            with autocast():
+                loss = micro_batch_loss(model, batch, vocab_size, fused)
+            (loss * (loss_scale / n_micro)).backward()
+        losses.append(loss.detach())
+    return [float(x) for x in torch.stack(losses).cpu()]
+
+
+@torch.no_grad()
+def forward_only(model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int,
+                 device: torch.device, vocab_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
+                 fused: bool = False) -> list[float]:
+    losses = []
+    it = iter(micro_batches)
+    for _ in range(n_micro):
+        batch = split_batch(next(it), device)
+        with autocast():
+            losses.append(micro_batch_loss(model, batch, vocab_size, fused).detach())
+    return [float(x) for x in torch.stack(losses).cpu()]
