@@ -27,8 +27,13 @@ class OptionalBuildExt(build_ext):
         except Exception as e:  # noqa: BLE001
             self._warn(e)
 
-    @staticmethod
-    def _warn(err):
+    _warned = False
+
+    @classmethod
+    def _warn(cls, err):
+        if cls._warned:  # a failed compile also fails the later copy step: say it once
+            return
+        cls._warned = True
         sys.stderr.write(
             "\nWARNING (tessera): could not build the C++ data-index helpers (%s).\n"
             "Tessera will use its numpy implementation instead (same results, slower index building).\n\n"
