@@ -1,0 +1,171 @@
+"""`build_datasets`: from the config's data section to one train dataset and named validation datasets.
+
+Every source becomes an indexed .bin/.idx dataset (a raw text/jsonl file or builtin:pydoc is preprocessed
+once into cache_dir), split by document into train/valid/test, indexed by GPTDataset (cached), and the
+train parts are blended by weight. The builder rank does all writing, then everyone meets at barrier()
+and the other ranks open what it wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from torch.utils.data import Dataset
+
+from engine.data.cleaning import CleanConfig
+from engine.data.gpt_dataset import BlendedDataset, DatasetBuildError, GPTDataset, IndexSpec, blending_counts
+from engine.data.indexed import IndexedDataset, bin_path, idx_path
+from engine.data.preprocess import check_tokenizer, preprocess
+from engine.data.sources import BUILTIN_PYDOC, SourceError, is_raw_source, source_name
+from engine.data.tokenizers import Tokenizer, TokenizerError, tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    from engine.config import Config, DatasetSpec
+
+# Raw sources are kept as they are (documents only split, never filtered) when built from a config;
+# `tessera preprocess` is the place for cleaning and dedup.
+RAW_CLEANING = CleanConfig(normalize=None, strip_control=False, min_chars=1, exact_dedup=False)
+
+
+def parse_split(split: str) -> list[float]:
+    """'98,2,0' -> [0.98, 0.02, 0.0] (normalised)."""
+    parts = [float(x) for x in split.replace("/", ",").split(",")]
+    while len(parts) < 3:
+        parts.append(0.0)
+    total = sum(parts)
+    return [p / total for p in parts]
+
+
+def split_ranges(n_docs: int, split: str) -> list[tuple[int, int]]:
+    """Contiguous document ranges [start, end) for train/valid/test, by rounding the cumulative proportions."""
+    fracs = parse_split(split)
+    cum, bounds = 0.0, [0]
+    for f in fracs:
+        cum += f
+        bounds.append(min(int(round(cum * n_docs)), n_docs))
+    bounds[-1] = n_docs
+    return [(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+@dataclass
+class _Source:
+    name: str
+    prefix: str
+    weight: float
+    raw: str | None  # the raw input to preprocess into prefix, if any
+
+
+def _raw_prefix(path: str, name: str, tokenizer: Tokenizer, cache_dir: pathlib.Path) -> str:
+    """Cache prefix of a raw source, keyed by its identity and the tokenizer (so any change rebuilds it)."""
+    if path == BUILTIN_PYDOC:
+        ident = {"pydoc": sys.version}
+    else:
+        st = os.stat(path)
+        ident = {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    key = hashlib.sha256(json.dumps({**ident, "tok": tokenizer_fingerprint(tokenizer), "v": 1},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    return str(cache_dir / f"raw-{name}-{key}")
+
+
+def _resolve(specs: list["DatasetSpec"], tokenizer: Tokenizer, cache_dir: pathlib.Path, used: set[str]
+             ) -> list[_Source]:
+    out = []
+    for spec in specs:
+        name = spec.name or source_name(spec.path)
+        base, i = name, 2
+        while name in used:  # two datasets from files with the same stem
+            name, i = f"{base}_{i}", i + 1
+        used.add(name)
+        if is_raw_source(spec.path):
+            out.append(_Source(name, _raw_prefix(spec.path, name, tokenizer, cache_dir), spec.weight, spec.path))
+        elif bin_path(spec.path).is_file() or idx_path(spec.path).is_file():
+            out.append(_Source(name, spec.path, spec.weight, None))
+        else:
+            raise SourceError(f"data: dataset path {spec.path!r} is neither an existing text/jsonl file, "
+                              f"builtin:pydoc, nor a .bin/.idx prefix ({spec.path}.bin / .idx not found)")
+    return out
+
+
+def _gpt(src: _Source, doc_range: tuple[int, int], kind: str, num_samples: int, cfg: "Config", tokenizer: Tokenizer,
+         cache_dir: pathlib.Path, build: bool) -> GPTDataset:
+    indexed = IndexedDataset(src.prefix)
+    di = indexed.document_indices
+    spec = IndexSpec(name=f"{src.name}-{kind}", prefix=src.prefix, seq_begin=int(di[doc_range[0]]),
+                     seq_end=int(di[doc_range[1]]), seq_len=cfg.seq_len, num_samples=num_samples, seed=cfg.data.seed)
+    try:
+        return GPTDataset(indexed, spec, tokenizer.eod_id, cfg.data.document_masking, cache_dir, build)
+    except DatasetBuildError as e:
+        raise DatasetBuildError(f"dataset {src.name!r} ({src.prefix}), {kind} split {doc_range}: {e}") from None
+
+
+def _assemble(cfg: "Config", tokenizer: Tokenizer, train_samples: int, valid_samples: int,
+              cache_dir: pathlib.Path, build: bool) -> tuple[Dataset, dict[str, Dataset]]:
+    d = cfg.data
+    used: set[str] = set()
+    train_src = _resolve(d.train, tokenizer, cache_dir, used)
+    valid_src = _resolve(d.valid, tokenizer, cache_dir, used)
+    for src in train_src + valid_src:
+        if src.raw is not None and build and not idx_path(src.prefix).is_file():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            preprocess([src.raw], src.prefix, tokenizer.spec, workers=1, cfg=RAW_CLEANING, progress=False,
+                       log=lambda s, n=src.name: print(f"[tessera data] preprocessed {n}: {s}", flush=True))
+        check_tokenizer(src.prefix, tokenizer, cfg.model.vocab_size)
+
+    # train: the train split of every train dataset, blended by weight with exact per-dataset counts
+    parts: list[GPTDataset] = []
+    valids: dict[str, Dataset] = {}
+    counts = None
+    if len(train_src) > 1:
+        ds_index, ds_sample = blending_counts([s.weight for s in train_src], max(train_samples, 1), cache_dir, build)
+        counts = [int((ds_index == k).sum()) for k in range(len(train_src))]
+    for k, src in enumerate(train_src):
+        n_docs = IndexedDataset(src.prefix).num_documents
+        tr, va, _ = split_ranges(n_docs, d.split)
+        if tr[1] > tr[0]:
+            parts.append(_gpt(src, tr, "train", counts[k] if counts else train_samples, cfg, tokenizer, cache_dir,
+                              build))
+        elif counts is not None:
+            raise DatasetBuildError(f"dataset {src.name!r}: the train split {d.split!r} of its {n_docs} documents is "
+                                    f"empty, but it has blending weight {src.weight}")
+        if not d.valid and va[1] > va[0]:
+            valids[src.name] = _gpt(src, va, "valid", valid_samples, cfg, tokenizer, cache_dir, build)
+    if not parts:
+        raise DatasetBuildError(f"data.train: the train split {d.split!r} selected no documents")
+    for src in valid_src:  # explicit validation sets: all of their documents
+        valids[src.name] = _gpt(src, (0, IndexedDataset(src.prefix).num_documents), "valid", valid_samples, cfg,
+                                tokenizer, cache_dir, build)
+    if not d.valid and not valids and parse_split(d.split)[1] > 0:
+        warnings.warn(f"data.split={d.split!r}: the validation split holds no documents (datasets too small); "
+                      f"no validation set", RuntimeWarning)
+    train = parts[0] if len(parts) == 1 else BlendedDataset(parts, ds_index, ds_sample)
+    return train, valids
+
+
+def build_datasets(cfg: "Config", tokenizer: Tokenizer, train_samples: int, valid_samples: int,
+                   cache_dir: pathlib.Path, is_builder: bool = True, barrier: Callable[[], None] = lambda: None
+                   ) -> tuple[Dataset, dict[str, Dataset]]:
+    """-> (train dataset, {name: validation dataset}); each yields {"tokens": LongTensor [seq_len+1], ...}.
+
+    Datasets hold at least train_samples / valid_samples samples (more epochs are added as needed).
+    The builder rank preprocesses raw sources and writes index caches under cache_dir, then calls barrier();
+    the other ranks call barrier() first and then read the caches.
+    """
+    cache_dir = pathlib.Path(cache_dir)
+    if cfg.model.vocab_size and tokenizer.vocab_size > cfg.model.vocab_size:
+        raise TokenizerError(f"tokenizer {tokenizer.spec!r} has {tokenizer.vocab_size} ids, more than "
+                             f"model.vocab_size={cfg.model.vocab_size}")
+    if is_builder:
+        try:
+            return _assemble(cfg, tokenizer, train_samples, valid_samples, cache_dir, build=True)
+        finally:
+            # also on failure: the waiting ranks then stop with "cache does not exist" instead of hanging
+            barrier()
+    barrier()
+    return _assemble(cfg, tokenizer, train_samples, valid_samples, cache_dir, build=False)
