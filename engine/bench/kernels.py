@@ -1,0 +1,407 @@
+"""Benchmark Tessera's Triton kernels against torch (SDPA / eager / torch.compile).
+
+    tessera bench kernels --json out.json
+    tessera bench kernels --only attention --batch 32 --heads 16 --seq 4096 --head-dim 128
+    tessera bench kernels --check        # bf16 correctness at realistic shapes first
+
+Attention is reported in TFLOP/s (forward 4*B*H*N^2*D, half of it when causal;
+backward 2.5x the forward), the other kernels in GB/s of the fewest bytes they
+must move (each input read once, each output written once). The same run also
+measures the two ceilings: a device-to-device copy (GB/s, read + write) and a
+bf16 matrix product (TFLOP/s). CUDA timings are ``triton.testing.do_bench``
+medians. On a machine without CUDA the kernels run in the triton interpreter
+on tiny shapes: the numbers only show that the code runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+ALL = ("copy", "matmul", "attention", "rmsnorm", "layernorm", "rope", "swiglu", "cross_entropy")
+
+
+# --------------------------------------------------------------------------- timing
+def _time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of fn()."""
+    if CUDA:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()  # warm-up (compile/trace)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor | tuple], inputs: list[torch.Tensor]) -> Callable[[], None]:
+    """A closure running forward + backward with a fixed random upstream gradient."""
+    out = fn()
+    outs = out if isinstance(out, tuple) else (out,)
+    grads = [torch.randn_like(o) for o in outs]
+
+    def run():
+        for t in inputs:
+            t.grad = None
+        o = fn()
+        torch.autograd.backward(o if isinstance(o, tuple) else (o,), grads)
+
+    return run
+
+
+def _maybe_compile(fn, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        return torch.compile(fn)
+    except Exception as e:  # noqa: BLE001 - report and go on without the baseline
+        print(f"# torch.compile unavailable: {e}", file=sys.stderr)
+        return None
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, kernel: str, impl: str, shape: str, pass_: str, ms: float, unit: str, value: float,
+            note: str = "") -> None:
+        self.rows.append(dict(kernel=kernel, impl=impl, shape=shape, pass_=pass_, ms=round(ms, 4),
+                              unit=unit, value=round(value, 2), note=note))
+        print(f"  {kernel:14s} {impl:16s} {pass_:8s} {ms:10.3f} ms {value:10.1f} {unit:7s} {shape} {note}",
+              flush=True)
+
+    def render(self) -> str:
+        head = f"{'kernel':14s} {'impl':16s} {'pass':8s} {'ms':>10s} {'value':>10s} unit"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(f"{r['kernel']:14s} {r['impl']:16s} {r['pass_']:8s} {r['ms']:10.3f} "
+                         f"{r['value']:10.1f} {r['unit']}")
+        return "\n".join(lines)
+
+
+def _safe(table: Table, kernel: str, impl: str, shape: str, pass_: str, fn, unit: str, amount: float):
+    """Time fn and add a row; amount is FLOPs (TFLOP/s) or bytes (GB/s)."""
+    try:
+        ms = _time_ms(fn)
+    except Exception as e:  # noqa: BLE001 - a baseline that cannot run here is reported, not fatal
+        print(f"  {kernel} {impl} {pass_}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+    scale = 1e-12 if unit == "TFLOP/s" else 1e-9
+    table.add(kernel, impl, shape, pass_, ms, unit, amount / (ms * 1e-3) * scale)
+    return ms
+
+
+# --------------------------------------------------------------------------- ceilings
+def bench_copy(t: Table, a) -> None:
+    n = (1 << 29) if CUDA else (1 << 20)  # 1 GiB of bf16 on CUDA
+    x = torch.randn(n, device=a.device, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    _safe(t, "copy", "torch", f"{n}", "fwd", lambda: y.copy_(x), "GB/s", 2 * x.numel() * 2)
+
+
+def bench_matmul(t: Table, a) -> None:
+    n = 8192 if CUDA else 256
+    x = torch.randn(n, n, device=a.device, dtype=torch.bfloat16 if CUDA else torch.float32)
+    y = torch.randn_like(x)
+    _safe(t, "matmul", "torch", f"{n}^3", "fwd", lambda: x @ y, "TFLOP/s", 2 * n**3)
+
+
+# --------------------------------------------------------------------------- attention
+def bench_attention(t: Table, a) -> None:
+    from kernels.flash_attention import flash_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, hkv, n, d = a.batch, a.heads, a.kv_heads or a.heads, a.seq, a.head_dim
+    dt = a.dtype
+    shape = f"B{b} H{h}/{hkv} N{n} D{d} {str(dt).split('.')[-1]}"
+    q = torch.randn(b, h, n, d, device=a.device, dtype=dt, requires_grad=True)
+    k = torch.randn(b, hkv, n, d, device=a.device, dtype=dt, requires_grad=True)
+    v = torch.randn(b, hkv, n, d, device=a.device, dtype=dt, requires_grad=True)
+    for causal in (True, False):
+        flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
+        tag = "causal" if causal else "full"
+        impls: list[tuple[str, Callable, list]] = [
+            ("triton", lambda: flash_attention(q, k, v, causal=causal), [q, k, v]),
+        ]
+        if CUDA:
+            # GQA: SDPA gets the kv heads repeated (outside the timed region).
+            kr = k.detach().repeat_interleave(h // hkv, 1).requires_grad_()
+            vr = v.detach().repeat_interleave(h // hkv, 1).requires_grad_()
+            for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                                  ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+                def run_sdpa(backend=backend):
+                    with sdpa_kernel([backend]):
+                        return F.scaled_dot_product_attention(q, kr, vr, is_causal=causal)
+                impls.append((name, run_sdpa, [q, kr, vr]))
+        for name, fn, inputs in impls:
+            f_ms = _safe(t, f"attn-{tag}", name, shape, "fwd", lambda: fn(), "TFLOP/s", flops)
+            if f_ms is None:
+                continue
+            try:
+                fb = _fwd_bwd(fn, inputs)
+            except Exception as e:  # noqa: BLE001
+                print(f"  attn {name} bwd: failed: {e}", flush=True)
+                continue
+            fb_ms = _safe(t, f"attn-{tag}", name, shape, "fwd+bwd", fb, "TFLOP/s", 3.5 * flops)
+            if fb_ms is not None and fb_ms > f_ms:
+                bwd_ms = fb_ms - f_ms
+                t.add(f"attn-{tag}", name, shape, "bwd", bwd_ms, "TFLOP/s", 2.5 * flops / (bwd_ms * 1e-3) * 1e-12,
+                      "fwd+bwd minus fwd")
+
+
+# --------------------------------------------------------------------------- memory-bound kernels
+def _bench_mem(t: Table, a, kernel: str, impls: dict[str, Callable], inputs: list[torch.Tensor], shape: str,
+               fwd_bytes: float, bwd_bytes: float) -> None:
+    for name, fn in impls.items():
+        if fn is None:
+            continue
+        f_ms = _safe(t, kernel, name, shape, "fwd", lambda: fn(), "GB/s", fwd_bytes)
+        if f_ms is None:
+            continue
+        try:
+            fb = _fwd_bwd(fn, inputs)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {kernel} {name} bwd: failed: {e}", flush=True)
+            continue
+        _safe(t, kernel, name, shape, "fwd+bwd", fb, "GB/s", fwd_bytes + bwd_bytes)
+
+
+def bench_norms(t: Table, a, kind: str) -> None:
+    from kernels.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+
+    m, d = a.tokens, a.hidden
+    x = torch.randn(m, d, device=a.device, dtype=a.dtype, requires_grad=True)
+    w = torch.randn(d, device=a.device, dtype=a.dtype, requires_grad=True)
+    b = torch.randn(d, device=a.device, dtype=a.dtype, requires_grad=True)
+    es = x.element_size()
+    if kind == "rmsnorm":
+        impls = {"triton": lambda: rms_norm(x, w), "eager-fp32": lambda: rms_norm_ref(x, w),
+                 "torch-F": (lambda: F.rms_norm(x, (d,), w, 1e-6)) if hasattr(F, "rms_norm") else None}
+        ref, args = rms_norm_ref, (x, w)
+        inputs = [x, w]
+    else:
+        impls = {"triton": lambda: layer_norm(x, w, b), "torch-F": lambda: F.layer_norm(x, (d,), w, b)}
+        ref, args = layer_norm_ref, (x, w, b)
+        inputs = [x, w, b]
+    comp = _maybe_compile(ref, a.compile)
+    if comp is not None:
+        impls["compile"] = lambda: comp(*args)
+    # fwd: read x, write y; bwd: read x, dy, write dx (weights are negligible)
+    _bench_mem(t, a, kind, impls, inputs, f"{m}x{d}", 2 * m * d * es, 3 * m * d * es)
+
+
+def bench_rope(t: Table, a) -> None:
+    from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
+
+    b, h, hkv, n, d = a.rope_batch, a.heads, a.kv_heads or a.heads, a.seq, a.head_dim
+    q = torch.randn(b, h, n, d, device=a.device, dtype=a.dtype, requires_grad=True)
+    k = torch.randn(b, hkv, n, d, device=a.device, dtype=a.dtype, requires_grad=True)
+    cos, sin = rope_cos_sin(n, d, device=a.device)
+    impls = {"triton": lambda: apply_rope(q, k, cos, sin), "eager": lambda: apply_rope_ref(q, k, cos, sin)}
+    comp = _maybe_compile(apply_rope_ref, a.compile)
+    if comp is not None:
+        impls["compile"] = lambda: comp(q, k, cos, sin)
+    nbytes = (q.numel() + k.numel()) * q.element_size()
+    _bench_mem(t, a, "rope", impls, [q, k], f"q{tuple(q.shape)} k{tuple(k.shape)}", 2 * nbytes, 2 * nbytes)
+
+
+def bench_swiglu(t: Table, a) -> None:
+    from kernels.swiglu import swiglu, swiglu_ref
+
+    m, f = a.tokens, a.ffn
+    g = torch.randn(m, f, device=a.device, dtype=a.dtype, requires_grad=True)
+    u = torch.randn(m, f, device=a.device, dtype=a.dtype, requires_grad=True)
+    impls = {"triton": lambda: swiglu(g, u), "eager": lambda: F.silu(g) * u}
+    comp = _maybe_compile(swiglu_ref, a.compile)
+    if comp is not None:
+        impls["compile"] = lambda: comp(g, u)
+    es = g.element_size()
+    # fwd: read g, u, write out; bwd: read g, u, dout, write dg, du
+    _bench_mem(t, a, "swiglu", impls, [g, u], f"{m}x{f}", 3 * m * f * es, 5 * m * f * es)
+
+
+def bench_cross_entropy(t: Table, a) -> None:
+    from kernels.cross_entropy import cross_entropy, cross_entropy_ref
+
+    m, v = a.ce_tokens, a.vocab
+    x = torch.randn(m, v, device=a.device, dtype=a.dtype, requires_grad=True)
+    y = torch.randint(0, v, (m,), device=a.device)
+    impls = {"triton": lambda: cross_entropy(x, y), "eager-fp32": lambda: F.cross_entropy(x.float(), y)}
+    comp = _maybe_compile(cross_entropy_ref, a.compile)
+    if comp is not None:
+        impls["compile"] = lambda: comp(x, y)
+    es = x.element_size()
+    # fwd: read logits; bwd: read logits, write dlogits
+    _bench_mem(t, a, "cross_entropy", impls, [x], f"{m}x{v}", m * v * es, 2 * m * v * es)
+
+
+# --------------------------------------------------------------------------- correctness (GPU, bf16)
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def run_checks(a) -> list[dict]:
+    """bf16 kernels vs fp32 torch references at realistic shapes; relative L2 errors."""
+    from kernels.cross_entropy import cross_entropy, cross_entropy_ref
+    from kernels.flash_attention import attention_ref, flash_attention
+    from kernels.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+    from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
+    from kernels.swiglu import swiglu, swiglu_ref
+
+    dev, dt = a.device, torch.bfloat16 if CUDA else torch.float32
+    results = []
+
+    def check(name, fn, ref, inputs, tol):
+        try:
+            out = fn(*inputs)
+            outs = out if isinstance(out, tuple) else (out,)
+            grads_out = [torch.randn_like(o) for o in outs]
+            grads = torch.autograd.grad(outs, inputs, grads_out)
+            f32 = [i.detach().float().requires_grad_() for i in inputs]
+            r = ref(*f32)
+            routs = r if isinstance(r, tuple) else (r,)
+            rgrads = torch.autograd.grad(routs, f32, [g.float() for g in grads_out])
+            errs = [_rel(o, ro) for o, ro in zip(outs, routs)] + [_rel(g, rg) for g, rg in zip(grads, rgrads)]
+            ok = all(math.isfinite(e) and e < tol for e in errs)
+            res = dict(check=name, ok=ok, max_rel_err=max(errs), tol=tol)
+        except Exception as e:  # noqa: BLE001
+            res = dict(check=name, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        print(f"  check {name:40s} {'OK' if res['ok'] else 'FAIL'} {res.get('max_rel_err', res.get('error'))}",
+              flush=True)
+        results.append(res)
+
+    def rnd(*s):
+        return torch.randn(*s, device=dev, dtype=dt, requires_grad=True)
+
+    n = 1999 if CUDA else 67
+    for causal in (True, False):
+        # every head dim once causal; non-causal at 128 only (each variant compiles ~12 kernels)
+        dims = (64, 128, 256) if causal else (128,)
+        for d in (dims if CUDA else (32,)):
+            b, h, hkv = (2, 16, 4) if CUDA else (1, 4, 2)
+            check(f"attn causal={causal} D={d} GQA {h}/{hkv} N={n}",
+                  lambda q, k, v, c=causal: flash_attention(q, k, v, causal=c),
+                  lambda q, k, v, c=causal: attention_ref(q, k, v, causal=c),
+                  [rnd(b, h, n, d), rnd(b, hkv, n, d), rnd(b, hkv, n, d)], 2e-2)
+        doc = torch.zeros(2, n, dtype=torch.int64, device=dev)
+        doc[0, 300 % n:] += 1
+        doc[0, 1001 % n:] += 1
+        doc[1, 777 % n:] += 1
+        check(f"attn causal={causal} documents N={n}",
+              lambda q, k, v, c=causal: flash_attention(q, k, v, causal=c, doc_ids=doc),
+              lambda q, k, v, c=causal: attention_ref(q, k, v, causal=c, doc_ids=doc),
+              [rnd(2, 8, n, 128 if CUDA else 32), rnd(2, 2, n, 128 if CUDA else 32),
+               rnd(2, 2, n, 128 if CUDA else 32)], 2e-2)
+    m, dm = (8191, 4096) if CUDA else (33, 64)
+    check(f"rmsnorm {m}x{dm}", lambda x, w: rms_norm(x, w), lambda x, w: rms_norm_ref(x, w),
+          [rnd(m, dm), rnd(dm)], 1e-2)
+    check(f"layernorm {m}x{dm}", lambda x, w, b: layer_norm(x, w, b), lambda x, w, b: layer_norm_ref(x, w, b),
+          [rnd(m, dm), rnd(dm), rnd(dm)], 1e-2)
+    cos, sin = rope_cos_sin(n, 128 if CUDA else 32, device=dev)
+    check(f"rope N={n}", lambda q, k: apply_rope(q, k, cos, sin), lambda q, k: apply_rope_ref(q, k, cos, sin),
+          [rnd(2, 16, n, 128 if CUDA else 32), rnd(2, 4, n, 128 if CUDA else 32)], 1e-2)
+    check(f"swiglu {m}x{dm}", swiglu, swiglu_ref, [rnd(m, dm), rnd(m, dm)], 1e-2)
+    mv, vv = (4097, 128256) if CUDA else (17, 1000)
+    y = torch.randint(0, vv, (mv,), device=dev)
+    y[::7] = -100
+    check(f"cross_entropy {mv}x{vv} smooth+z", lambda x: cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-4),
+          lambda x: cross_entropy_ref(x, y, label_smoothing=0.1, z_loss=1e-4), [rnd(mv, vv)], 1e-2)
+    return results
+
+
+# --------------------------------------------------------------------------- main
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tessera bench kernels", description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="+", choices=ALL, default=list(ALL), help="kernels to run")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch", type=int, default=None, help="attention batch (default 32 on CUDA)")
+    p.add_argument("--heads", type=int, default=None, help="query heads (default 16 on CUDA)")
+    p.add_argument("--kv-heads", type=int, default=None, help="kv heads (default = heads)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 4096 on CUDA)")
+    p.add_argument("--head-dim", type=int, default=None, help="head dim (default 128 on CUDA)")
+    p.add_argument("--tokens", type=int, default=None, help="rows for norms/swiglu (default 16384)")
+    p.add_argument("--hidden", type=int, default=None, help="norm width (default 4096)")
+    p.add_argument("--ffn", type=int, default=None, help="swiglu width (default 14336)")
+    p.add_argument("--vocab", type=int, default=None, help="cross-entropy vocab (default 128256)")
+    p.add_argument("--ce-tokens", type=int, default=None, help="cross-entropy rows (default 4096)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile baselines")
+    p.add_argument("--check", action="store_true", help="run bf16 correctness checks first")
+    p.add_argument("--json", default=None, help="also write all results here")
+    return p
+
+
+def _defaults(a) -> None:
+    big = dict(batch=32, heads=16, seq=4096, head_dim=128, tokens=16384, hidden=4096, ffn=14336,
+               vocab=128256, ce_tokens=4096, dtype="bf16")
+    tiny = dict(batch=1, heads=2, seq=64, head_dim=32, tokens=64, hidden=128, ffn=256, vocab=500,
+                ce_tokens=16, dtype="fp32")
+    for key, val in (big if CUDA else tiny).items():
+        if getattr(a, key) is None:
+            setattr(a, key, val)
+    a.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    a.device = "cuda" if CUDA else "cpu"
+    a.rope_batch = max(1, a.batch // 4) if CUDA else a.batch
+    if not CUDA:
+        a.compile = False  # compiling on CPU costs minutes and says nothing about GPU speed
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    a = _parser().parse_args(argv)
+    _defaults(a)
+    import kernels
+
+    if not kernels.TRITON_AVAILABLE:
+        print("triton is not installed: nothing to benchmark", file=sys.stderr)
+        return 1
+    import triton
+
+    env = dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+               device=torch.cuda.get_device_name() if CUDA else "cpu (triton interpreter)")
+    print(f"# {env}")
+    if not CUDA:
+        print("# NOTE: no CUDA GPU: kernels run in the triton interpreter on tiny shapes; "
+              "the numbers below are NOT meaningful performance figures.")
+    out: dict = dict(env=env, args={k: str(v) for k, v in vars(a).items()}, checks=[], results=[])
+    if a.check:
+        print("# correctness (bf16 vs fp32 reference, relative L2 error)")
+        out["checks"] = run_checks(a)
+    table = Table()
+    print("# timings")
+    runners = dict(copy=bench_copy, matmul=bench_matmul, attention=bench_attention,
+                   rmsnorm=lambda t, a: bench_norms(t, a, "rmsnorm"),
+                   layernorm=lambda t, a: bench_norms(t, a, "layernorm"),
+                   rope=bench_rope, swiglu=bench_swiglu, cross_entropy=bench_cross_entropy)
+    for name in a.only:
+        try:
+            runners[name](table, a)
+        except Exception as e:  # noqa: BLE001 - one broken kernel must not hide the others
+            print(f"  {name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        if CUDA:
+            torch.cuda.empty_cache()
+    out["results"] = table.rows
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    print()
+    print(table.render())
+    if out["checks"]:
+        bad = [c["check"] for c in out["checks"] if not c["ok"]]
+        print(f"checks: {len(out['checks']) - len(bad)}/{len(out['checks'])} ok" + (f"; FAILED: {bad}" if bad else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
