@@ -18,7 +18,8 @@ BENCHES = {
     "kernels": ("engine.bench.kernels", "Triton kernels vs torch SDPA / eager / compile (TFLOP/s, GB/s)."),
     "data": ("engine.bench.data", "Preprocessing throughput and index building (C++ vs numpy)."),
     "pipeline": ("engine.bench.pipeline", "Pipeline schedule simulator: bubble fraction, in-flight activations."),
-    "parallel": ("engine.bench.parallel", "Step time across parallel layouts on CPU processes."),
+    "parallel": ("engine.bench.parallel", "Tensor-parallel step time and communication share on CPU processes."),
+    "dp": ("engine.bench.data_parallel", "Data parallel: optimizer-state memory per rank, step time with/without overlap."),
 }
 TOKENIZER_CMDS = {
     "train": ("engine.data.tokenizer_train", "Train a SentencePiece tokenizer (bpe or unigram)."),
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     gen.add_argument("--top-k", type=int, default=40, help="sample from the k most likely tokens; 0 = all")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
-    gen.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
 
     for name, (_, help_text) in DELEGATED.items():
         d = sub.add_parser(name, help=help_text, add_help=False)
@@ -115,11 +116,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from engine.generate import generate_text, load_run
+    from engine.parallel.state import pick_device
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = pick_device(args.device, 0)
     _, model, tok = load_run(args.run_dir, device)
     print(generate_text(model, tok, args.prompt, args.max_tokens, args.temperature, args.top_k or None,
                         args.seed, device))

@@ -120,7 +120,7 @@ class TrainConfig:
                                   "(gradient accumulation makes up the difference).", default=32)
     iters: int = _doc("Optimizer steps to train.", default=1000)
     eval_interval: int = _doc("Evaluate every N steps (and at the end); 0 = never.", default=200)
-    eval_iters: int = _doc("Micro-batches per evaluation per validation set.", default=20)
+    eval_iters: int = _doc("Global batches per evaluation per validation set (as Megatron).", default=20)
     log_interval: int = _doc("Log metrics every N steps.", default=10)
     seed: int = _doc("Seed of initialisation and dropout.", default=1234)
     out_dir: str = _doc("Run directory: config.yaml, metrics.jsonl, tensorboard/, final weights.",

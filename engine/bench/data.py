@@ -21,19 +21,10 @@ from typing import Optional
 
 import numpy as np
 
+from engine.bench import cpu_name as _cpu
 from engine.data import index_builders as ib
 from engine.data.cleaning import CleanConfig
 from engine.data.preprocess import preprocess
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def bench_preprocess(inputs: list[str], tokenizers: list[str], workers: list[int], repeat: int) -> list[dict]:

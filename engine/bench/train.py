@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -22,18 +21,13 @@ from typing import Optional
 
 import torch
 
+from engine.bench import device_name
 from engine.config import Config, load_config
 from engine.model.loss import lm_loss
 from engine.model.transformer import build_model, count_parameters
 from engine.optim import build_adamw
 from engine.precision import autocast
 from engine.train.flops import peak_tflops, training_flops_per_token
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def minimal_loop_times(cfg: Config, iters: int, device: torch.device) -> list[float]:
@@ -104,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     res = {
         "command": "tessera bench train " + " ".join([args.config, *args.overrides, "--iters", str(args.iters),
                                                      "--warmup", str(args.warmup), "--rounds", str(args.rounds)]),
-        "device": _device_name(device), "torch": torch.__version__, "dtype": cfg.precision.dtype,
+        "device": device_name(device), "torch": torch.__version__, "dtype": cfg.precision.dtype,
         "model_params": count_parameters(cfg.model, padded=True),
         "seq_len": cfg.seq_len, "global_batch_size": cfg.train.global_batch_size,
         "micro_batch_size": cfg.train.micro_batch_size, "steps_timed_each": len(ours),

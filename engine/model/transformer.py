@@ -5,6 +5,12 @@ Mistral (RMSNorm, RoPE, SwiGLU, GQA/MQA, optional QKV bias, untied head) are fie
 ModelConfig, not subclasses. Shapes: B batch, S sequence, D d_model, H heads, Hkv kv heads,
 hd head_dim, V padded vocabulary.
 
+Tensor parallelism is a property of the layers: q/k/v and MLP up/gate are column-parallel, the
+output projections row-parallel, the embedding vocab-parallel and the head column-parallel (its
+logits stay split along the vocabulary; `engine.model.loss.lm_loss(..., pstate=)` never gathers
+them). With sequence parallelism the residual stream, norms and dropout run on [B, S/tp, D] shards.
+At tp=1 the layers are plain nn.Linear / nn.Embedding math.
+
 A model object can be one pipeline stage: it holds the blocks `layer_range` (global indices, so
 parameter names and initial values do not depend on the parallel layout), the embedding when
 `pre_process` and the final norm + output head when `post_process`.
@@ -12,6 +18,7 @@ parameter names and initial values do not depend on the parallel layout), the em
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from typing import Optional
@@ -23,6 +30,8 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.model import ops
 from engine.model.attention import attention, check_backend
+from engine.parallel import tensor_parallel as tpl
+from engine.parallel.random import model_parallel_rng
 from engine.parallel.state import ParallelState
 
 
@@ -63,11 +72,15 @@ def _stable_seed(seed: int, name: str) -> int:
 class Norm(nn.Module):
     """RMSNorm or LayerNorm over the last dimension."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, pstate: Optional[ParallelState] = None):
         super().__init__()
         self.kind, self.eps, self.fused = cfg.norm, cfg.norm_eps, cfg.fused_ops
         self.weight = nn.Parameter(torch.ones(cfg.d_model))
         self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if (cfg.norm == "layernorm" and cfg.bias) else None
+        if pstate is not None and pstate.sequence_parallel and pstate.tp > 1:
+            # Runs on a sequence shard: its gradients are per-shard partial sums (allreduce_sequence_parallel_grads).
+            for p in self.parameters():
+                p.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":
@@ -75,28 +88,51 @@ class Norm(nn.Module):
         return ops.layer_norm(x, self.weight, self.bias, self.eps, fused=self.fused)
 
 
+def _check_tp_heads(cfg: ModelConfig, tp: int) -> int:
+    """KV replicas per shard: 1 when tp divides n_kv_heads, tp/n_kv_heads when n_kv_heads divides tp."""
+    kv = kv_heads(cfg)
+    if cfg.n_heads % tp != 0:
+        raise ValueError(f"tensor parallelism: model.n_heads={cfg.n_heads} is not divisible by parallel.tp={tp}; "
+                         f"every tp rank needs a whole number of attention heads")
+    if kv % tp == 0:
+        return 1
+    if tp % kv == 0:
+        return tp // kv  # Megatron-style: each KV head is replicated on tp/kv consecutive ranks
+    raise ValueError(f"tensor parallelism: model.n_kv_heads={kv} and parallel.tp={tp}: one must divide the other")
+
+
 class Attention(nn.Module):
+    """Self-attention; at tp > 1 this rank holds H/tp query heads and the K/V heads they use."""
+
     def __init__(self, cfg: ModelConfig, pstate: ParallelState):
         super().__init__()
+        tp = pstate.tp
+        kv_replicas = _check_tp_heads(cfg, tp)
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, kv_heads(cfg), head_dim(cfg)
         qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
-        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=cfg.bias)
+        d, hq, hkv = cfg.d_model, self.n_heads * self.hd, self.n_kv * self.hd
+        self.q_proj = tpl.ColumnParallelLinear(d, hq, pstate, bias=qkv_bias)  # -> [B, S, H/tp * hd]
+        self.k_proj = tpl.ColumnParallelLinear(d, hkv, pstate, bias=qkv_bias, replicas=kv_replicas)
+        self.v_proj = tpl.ColumnParallelLinear(d, hkv, pstate, bias=qkv_bias, replicas=kv_replicas)
+        self.o_proj = tpl.RowParallelLinear(hq, d, pstate, bias=cfg.bias)  # [B, S, H/tp * hd] -> [B, S, D]
         self.o_proj.weight.is_output_proj = True  # scaled init (GPT-2 / Megatron)
         self.dropout, self.backend, self.fused = cfg.dropout, cfg.attention, cfg.fused_ops
+        self.pstate = pstate
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
                 doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.hd).transpose(1, 2)  # [B, H, S, hd]
-        k = self.k_proj(x).view(b, s, -1, self.hd).transpose(1, 2)  # [B, Hkv, S, hd]
-        v = self.v_proj(x).view(b, s, -1, self.hd).transpose(1, 2)
+        # x [B, S, D], or [B, S/tp, D] with sequence parallel; one collective for the three projections
+        x = tpl.to_tp_region(x, self.pstate, self.q_proj.sequence_parallel)  # [B, S, D]
+        q, k, v = (proj(x, input_in_tp_region=True) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        b, s, _ = q.shape  # full sequence
+        q = q.view(b, s, -1, self.hd).transpose(1, 2)  # [B, H/tp, S, hd]
+        k = k.view(b, s, -1, self.hd).transpose(1, 2)  # [B, Hkv/tp (at least 1), S, hd]
+        v = v.view(b, s, -1, self.hd).transpose(1, 2)
         if rope is not None:
             q, k = ops.apply_rope(q, k, *rope, fused=self.fused)
         p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, causal=True, doc_ids=doc_ids, dropout_p=p, backend=self.backend)
+        with model_parallel_rng(self.pstate) if p > 0 else contextlib.nullcontext():  # heads differ per tp rank
+            y = attention(q, k, v, causal=True, doc_ids=doc_ids, dropout_p=p, backend=self.backend)
         y = y.transpose(1, 2).reshape(b, s, -1)  # [B, S, H*hd]
         return self.o_proj(y)
 
@@ -105,21 +141,30 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, pstate: ParallelState):
         super().__init__()
         hidden = ffn_hidden(cfg)
+        if hidden % pstate.tp != 0:
+            raise ValueError(f"tensor parallelism: the MLP hidden size {hidden} (model.ffn_hidden) is not divisible "
+                             f"by parallel.tp={pstate.tp}")
         self.activation, self.fused = cfg.activation, cfg.fused_ops
+        # gate and up are separate column-parallel layers, so rank r holds the SAME hidden units [r*F/tp,
+        # (r+1)*F/tp) of both and silu(gate) * up pairs correctly; down is row-parallel over those units.
         if cfg.activation == "swiglu":
-            self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+            self.gate_proj = tpl.ColumnParallelLinear(cfg.d_model, hidden, pstate, bias=cfg.bias)
+        self.up_proj = tpl.ColumnParallelLinear(cfg.d_model, hidden, pstate, bias=cfg.bias)  # [B, S, F/tp]
+        self.down_proj = tpl.RowParallelLinear(hidden, cfg.d_model, pstate, bias=cfg.bias)
         self.down_proj.weight.is_output_proj = True
+        self.pstate = pstate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [B, S, D] or [B, S/tp, D] (sequence parallel); one collective for gate and up
+        x = tpl.to_tp_region(x, self.pstate, self.up_proj.sequence_parallel)
+        up = self.up_proj(x, input_in_tp_region=True)  # [B, S, F/tp]
         if self.activation == "swiglu":
-            h = ops.swiglu(self.gate_proj(x), self.up_proj(x), fused=self.fused)
+            h = ops.swiglu(self.gate_proj(x, input_in_tp_region=True), up, fused=self.fused)
         elif self.activation == "gelu":
-            h = F.gelu(self.up_proj(x), approximate="tanh")  # GPT-2's gelu
+            h = F.gelu(up, approximate="tanh")  # GPT-2's gelu
         else:
-            h = F.relu(self.up_proj(x))
-        return self.down_proj(h)
+            h = F.relu(up)
+        return self.down_proj(h)  # [B, S, D] or [B, S/tp, D]
 
 
 class Block(nn.Module):
@@ -127,16 +172,24 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, pstate: ParallelState):
         super().__init__()
-        self.attn_norm = Norm(cfg)
+        self.attn_norm = Norm(cfg, pstate)
         self.attn = Attention(cfg, pstate)
-        self.mlp_norm = Norm(cfg)
+        self.mlp_norm = Norm(cfg, pstate)
         self.mlp = MLP(cfg, pstate)
         self.drop = nn.Dropout(cfg.dropout)
+        self.pstate = pstate
+
+    def _drop(self, y: torch.Tensor) -> torch.Tensor:
+        if self.pstate.sequence_parallel and self.training and self.drop.p > 0:
+            with model_parallel_rng(self.pstate):  # each rank holds different positions: independent masks
+                return self.drop(y)
+        return self.drop(y)  # replicated activations: the shared default stream gives equal masks
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, doc_ids))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        # x [B, S, D], or [B, S/tp, D] with sequence parallel
+        x = x + self._drop(self.attn(self.attn_norm(x), rope, doc_ids))
+        return x + self._drop(self.mlp(self.mlp_norm(x)))
 
 
 # --------------------------------------------------------------------------- model
@@ -160,18 +213,22 @@ class Transformer(nn.Module):
         self.padded_vocab = padded_vocab(cfg, self.pstate.tp)
         d = cfg.d_model
 
+        self.sequence_parallel = self.pstate.sequence_parallel and self.pstate.tp > 1
         if pre_process:
-            self.embed = nn.Embedding(self.padded_vocab, d)
+            self.embed = tpl.VocabParallelEmbedding(self.padded_vocab, d, self.pstate)  # rows split over tp
             if cfg.position == "learned":
-                self.pos_embed = nn.Embedding(cfg.max_seq_len, d)
+                self.pos_embed = nn.Embedding(cfg.max_seq_len, d)  # replicated
+                if self.sequence_parallel:
+                    self.pos_embed.weight.sequence_parallel = True  # each rank adds only its positions
             self.embed_drop = nn.Dropout(cfg.dropout)
         # ModuleDict keyed by the global layer index: names match the full model on every stage.
         self.layers = nn.ModuleDict({str(i): Block(cfg, self.pstate) for i in range(start, stop)})
         if post_process:
-            self.norm = Norm(cfg)
+            self.norm = Norm(cfg, self.pstate)
             # Tied and holding the embedding: reuse it. A last pipeline stage without the embedding
-            # keeps its own copy, kept equal by the pipeline code.
-            self.head = None if (cfg.tie_embeddings and pre_process) else nn.Linear(d, self.padded_vocab, bias=False)
+            # keeps its own copy, kept equal by the pipeline code. Column-parallel: logits split over vocab.
+            self.head = None if (cfg.tie_embeddings and pre_process) else tpl.ColumnParallelLinear(
+                d, self.padded_vocab, self.pstate, bias=False)
         if cfg.position == "rope":
             cos, sin = ops.rope_cache(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -206,17 +263,26 @@ class Transformer(nn.Module):
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: token ids [B, S] (first stage) or hidden states [B, S, D] (later stages).
         Returns logits [B, S, V] on the last stage (V = padded vocab / tp), hidden states otherwise."""
+        tp, sp = self.pstate.tp, self.sequence_parallel
         if self.pre_process:
-            h = self.embed(x)
+            if sp and x.shape[1] % tp != 0:
+                raise ValueError(f"sequence parallel: sequence length {x.shape[1]} is not divisible by tp={tp}")
+            h = self.embed(x)  # [B, S, D], or [B, S/tp, D] with sequence parallel
             if self.cfg.position == "learned":
                 pos = position_ids if position_ids is not None else torch.arange(x.shape[1], device=x.device)
+                if sp:  # this rank's contiguous block of positions
+                    pos = pos.chunk(tp, dim=-1)[self.pstate.tp_rank]
                 h = h + self.pos_embed(pos)
-            h = self.embed_drop(h)
+            if sp and self.training and self.embed_drop.p > 0:
+                with model_parallel_rng(self.pstate):
+                    h = self.embed_drop(h)
+            else:
+                h = self.embed_drop(h)
         else:
             h = x
         rope = None
         if self.cfg.position == "rope":
-            s = h.shape[1]
+            s = h.shape[1] * (tp if sp else 1)  # attention sees the full sequence
             if position_ids is None:
                 rope = (self.rope_cos[:s], self.rope_sin[:s])
             else:  # [B, S] -> [B, S, hd]
@@ -226,8 +292,8 @@ class Transformer(nn.Module):
         if not self.post_process:
             return h
         h = self.norm(h)
-        weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(h, weight)  # [B, S, V]
+        weight = self.embed.weight if self.head is None else self.head.weight  # [V/tp, D]
+        return tpl.column_parallel_linear(h, weight, None, self.pstate, sequence_parallel=sp)  # [B, S, V/tp]
 
     # ------------------------------------------------------------ accounting
     def num_params(self, exclude_embeddings: bool = False) -> int:

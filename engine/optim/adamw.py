@@ -11,11 +11,13 @@ from engine.config import OptimConfig
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Two groups: 2-D+ weights (matrices, embeddings) decay; 1-D (norm weights, biases) do not."""
-    decay, no_decay = [], []
+    """Two groups: 2-D+ weights (matrices, embeddings) decay; 1-D (norm weights, biases) do not.
+    A parameter shared by several modules (tied embeddings) is listed once."""
+    decay, no_decay, seen = [], [], set()
     for _, p in named_params:
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in seen:
             continue
+        seen.add(id(p))
         (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]

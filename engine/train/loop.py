@@ -23,7 +23,13 @@ from engine.config import Config, ConfigError
 from engine.data import PretrainingSampler, build_datasets, build_tokenizer
 from engine.model.transformer import Transformer, build_model
 from engine.optim import build_adamw, lr_at
-from engine.parallel.state import ParallelState
+from engine.optim.clip import counts_toward_norm
+from engine.parallel.data_parallel import wrap_data_parallel
+from engine.parallel.pipeline.executor import forward_backward_pipeline, forward_only_pipeline
+from engine.parallel.pipeline.stages import build_stage_chunks
+from engine.parallel.random import seed_parallel_rng
+from engine.parallel.state import ParallelState, all_reduce_max
+from engine.parallel.tensor_parallel import allreduce_sequence_parallel_grads
 from engine.precision import DynamicLossScaler, autocast, unscale_and_check
 from engine.train.flops import peak_tflops, training_flops_per_token
 from engine.train.logger import MetricsLogger
@@ -49,11 +55,14 @@ def _peak_memory_gb(device: torch.device) -> float:
     return kb / 2**20
 
 
-def _check_supported(pstate: ParallelState) -> None:
-    """Layouts the loop can run today; each parallel feature lifts its own restriction here."""
-    if pstate.tp > 1 or pstate.pp > 1 or pstate.dp > 1:
-        raise ConfigError(f"parallel layout tp={pstate.tp} pp={pstate.pp} dp={pstate.dp}: only single-process "
-                          f"training is available in this build (tensor/pipeline/data parallel are in progress)")
+def _count_params(chunks: list[Transformer], pstate: ParallelState) -> int:
+    """Parameters of the whole model: this rank's count summed over tp and pp (each shard once)."""
+    n = sum(q.numel() for c in chunks for q in c.parameters() if counts_toward_norm(q, pstate))
+    if pstate.is_distributed:
+        t = torch.tensor([n], dtype=torch.float64, device=pstate.device)
+        dist.all_reduce(t, group=pstate.mp_group)
+        n = int(t.item())
+    return n
 
 
 def _loader(dataset, sampler: PretrainingSampler) -> Iterator[dict]:
@@ -69,21 +78,32 @@ def _sync_mean(values: list[float], group, device: torch.device) -> float:
     return float(t[0] / t[1])
 
 
-def evaluate(model: Transformer, valid_sets: dict, cfg: Config, pstate: ParallelState, ac) -> dict[str, float]:
-    """Mean loss over the first `eval_iters` micro-batches of each validation set (same batches every time)."""
-    model.eval()
+def evaluate(chunks: list[Transformer], valid_sets: dict, cfg: Config, pstate: ParallelState, ac) -> dict[str, float]:
+    """Mean loss over the first `eval_iters` global batches of each validation set (same batches every time)."""
+    for c in chunks:
+        c.eval()
     out = {}
+    # Megatron's convention: eval_iters global batches, so the value does not depend on the dp size.
+    t = cfg.train
+    n_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp)
     for name, ds in valid_sets.items():
-        n = min(cfg.train.eval_iters, len(ds) // (cfg.train.micro_batch_size * pstate.dp))
+        n = min(t.eval_iters, len(ds) // t.global_batch_size) * n_micro  # micro-batches on this rank
         if n == 0:
             continue
-        total = n * cfg.train.micro_batch_size * pstate.dp
-        sampler = PretrainingSampler(total, 0, cfg.train.micro_batch_size, pstate.dp_rank, pstate.dp,
-                                     global_batch_size=total)
-        losses = forward_only(model, _loader(ds, sampler), n, pstate.device, model.vocab_size, ac,
-                              fused=cfg.model.fused_ops)
+        total = n // n_micro * t.global_batch_size
+        sampler = PretrainingSampler(total, 0, t.micro_batch_size, pstate.dp_rank, pstate.dp,
+                                     global_batch_size=t.global_batch_size)
+        batches = _loader(ds, sampler)
+        if pstate.pp > 1:
+            losses = forward_only_pipeline(chunks, batches, n, pstate, seq_len=cfg.seq_len,
+                                           micro_batch_size=cfg.train.micro_batch_size, d_model=cfg.model.d_model,
+                                           vocab_size=cfg.model.vocab_size, autocast=ac, fused=cfg.model.fused_ops)
+        else:
+            losses = forward_only(chunks[0], batches, n, pstate.device, cfg.model.vocab_size, ac,
+                                  fused=cfg.model.fused_ops, pstate=pstate)
         out[name] = _sync_mean(losses, pstate.dp_group, pstate.device)
-    model.train()
+    for c in chunks:
+        c.train()
     return out
 
 
@@ -94,9 +114,8 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
         pstate = ParallelState.initialize(tp=p.tp, pp=p.pp, dp=None if p.dp == "auto" else p.dp, vpp=p.vpp,
                                           sequence_parallel=p.sequence_parallel, device=t.device,
                                           timeout_minutes=p.timeout_minutes)
-    _check_supported(pstate)
     device = pstate.device
-    torch.manual_seed(t.seed)
+    seed_parallel_rng(t.seed, pstate)  # default stream per pp stage + a per-tp-rank stream for dropout
 
     # Tokenizer first: it fixes the vocabulary the model is built for.
     tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -109,9 +128,18 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
     if pstate.is_rank0:
         prepare_run_dir(out_dir, cfg)
 
-    model = build_model(cfg.model, pstate, seed=t.seed, device=device)
-    fwd_model = torch.compile(model) if t.compile else model
-    optimizer = build_adamw(model.named_parameters(), cfg.optim, device)
+    # This rank's model chunks: the whole model at pp=1, its virtual stages otherwise (same init either way).
+    if pstate.pp > 1:
+        chunks = build_stage_chunks(cfg.model, pstate, seed=t.seed, layout=p.pp_layout, device=device)
+    else:
+        chunks = [build_model(cfg.model, pstate, seed=t.seed, device=device)]
+    model = chunks[0]
+    ddp = None
+    if pstate.is_distributed:  # contiguous grad buffers, bucketed reduction, ZeRO-1 / FSDP2 by parallel.zero
+        ddp, optimizer = wrap_data_parallel(chunks, None, cfg, pstate)
+    else:
+        optimizer = build_adamw(model.named_parameters(), cfg.optim, device)
+    fwd_model = torch.compile(model) if (t.compile and pstate.pp == 1) else model
     scaler = DynamicLossScaler(cfg.precision.initial_loss_scale, cfg.precision.loss_scale_window,
                                cfg.precision.hysteresis, cfg.precision.min_loss_scale) \
         if cfg.precision.dtype == "fp16" else None
@@ -120,7 +148,7 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
     seq_len = cfg.seq_len
     train_samples = t.iters * t.global_batch_size
     eval_runs = (t.iters // t.eval_interval + 1) if t.eval_interval else 0
-    valid_samples = t.eval_iters * t.micro_batch_size * pstate.dp if eval_runs else 0
+    valid_samples = t.eval_iters * t.global_batch_size if eval_runs else 0
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out_dir / "data_cache"
     barrier = (lambda: dist.barrier()) if pstate.is_distributed else (lambda: None)
     train_set, valid_sets = build_datasets(cfg, tokenizer, max(train_samples, 1), valid_samples, cache_dir,
@@ -135,11 +163,12 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
                            progress=t.progress and sys.stderr.isatty())
     ac = lambda: autocast(cfg.precision.dtype, device)  # noqa: E731
     result = TrainResult(out_dir=out_dir)
+    n_params = _count_params(chunks, pstate)  # collective: every rank
     if pstate.is_rank0:
-        logger.console(f"tessera: {model.num_params():,} parameters ({cfg.model.vocab_size} vocab, padded to "
+        logger.console(f"tessera: {n_params:,} parameters ({cfg.model.vocab_size} vocab, padded to "
                        f"{model.padded_vocab}), {pstate.describe()}, {n_micro} micro-batches/step, "
                        f"{cfg.precision.dtype}, {len(train_set):,} train samples")
-    params = [q for q in model.parameters() if q.requires_grad]
+    params = [q for c in chunks for q in c.parameters() if q.requires_grad]
     window_tokens, window_time = 0, 0.0
     for step in range(t.iters):
         t0 = time.perf_counter()
@@ -148,18 +177,33 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         scale = scaler.scale if scaler else 1.0
-        losses = forward_backward(fwd_model, train_iter, n_micro, device, model.vocab_size, ac, loss_scale=scale,
-                                  fused=cfg.model.fused_ops)
+        if pstate.pp > 1:
+            losses = forward_backward_pipeline(
+                chunks, train_iter, n_micro, pstate, schedule=p.schedule, seq_len=seq_len,
+                micro_batch_size=t.micro_batch_size, d_model=cfg.model.d_model, vocab_size=cfg.model.vocab_size,
+                device=device, autocast=ac, loss_scale=scale, fused=cfg.model.fused_ops, ddp=ddp)
+        else:
+            losses = forward_backward(fwd_model, train_iter, n_micro, device, cfg.model.vocab_size, ac,
+                                      loss_scale=scale, no_sync=ddp.no_sync if ddp else None,
+                                      fused=cfg.model.fused_ops, pstate=pstate)
+        if ddp is not None:
+            ddp.finish_grad_sync()  # mean over dp ranks (ZeRO-1: this rank's shard)
+        for c in chunks:  # sequence-parallel norm grads and replicated K/V shards: sum over tp
+            allreduce_sequence_parallel_grads(c, pstate)
         found_inf = False
         if scaler is not None:
-            found_inf = unscale_and_check((q.grad for q in params), scale)
+            grads = optimizer.local_grads() if ddp is not None else [q.grad for q in params]
+            found_inf = all_reduce_max(float(unscale_and_check(grads, scale)), pstate) > 0
             scaler.update(found_inf)
         if found_inf:
             grad_norm = float("nan")
             result.skipped_steps += 1
         else:
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if ddp is not None:  # norm over tp, pp and dp shards without double counting
+                grad_norm = optimizer.clip_grad_norm(cfg.optim.grad_clip)
+            else:
+                max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             optimizer.step()
         loss = _sync_mean(losses, pstate.dp_group, device)
         if device.type == "cuda":
@@ -185,7 +229,7 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
                            f"mem {record['mem_gb']:.2f} GB" + (f" | scale {scaler.scale:g}" if scaler else ""))
             window_tokens, window_time = 0, 0.0
         if t.eval_interval and valid_sets and (done % t.eval_interval == 0 or done == t.iters):
-            vals = evaluate(model, valid_sets, cfg, pstate, ac)
+            vals = evaluate(chunks, valid_sets, cfg, pstate, ac)
             if vals:
                 result.val_losses[done] = vals
                 rec = {"step": done, "val_loss": sum(vals.values()) / len(vals),
@@ -198,7 +242,11 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
             raise FloatingPointError(f"loss became {loss} at step {done}; lower optim.lr or check the data")
 
     logger.close()
-    if pstate.is_rank0:
+    if pstate.world_size > 1:
+        if pstate.is_rank0:
+            logger.console("tessera: final weights are written by single-process runs only for now; gathering a "
+                           "parallel layout into one file arrives with sharded checkpoints")
+    elif pstate.is_rank0:
         save_final_weights(out_dir, model)
         if t.sample_prompt is not None:
             from engine.generate import generate_text

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from engine.model.loss import lm_loss
+from engine.parallel.state import ParallelState
 
 
 def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -26,15 +27,16 @@ def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[st
 
 
 def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab_size: int,
-                     fused: bool = False) -> torch.Tensor:
+                     fused: bool = False, pstate: Optional[ParallelState] = None) -> torch.Tensor:
     logits = model(batch["inputs"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
-    return lm_loss(logits, batch["targets"], vocab_size, batch.get("loss_mask"), fused=fused)
+    # at tp > 1 the logits are this rank's vocabulary columns: the loss is vocab-parallel
+    return lm_loss(logits, batch["targets"], vocab_size, batch.get("loss_mask"), fused=fused, pstate=pstate)
 
 
 def forward_backward(model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int,
                      device: torch.device, vocab_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
                      loss_scale: float = 1.0, no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
-                     fused: bool = False) -> list[float]:
+                     fused: bool = False, pstate: Optional[ParallelState] = None) -> list[float]:
     """Gradient accumulation: grads end up as d(mean over micro-batches of loss * loss_scale)/dθ.
 
     `no_sync` (data parallel) suppresses gradient reduction on every micro-batch but the last.
@@ -47,7 +49,7 @@ def forward_backward(model: torch.nn.Module, micro_batches: Iterable[dict[str, t
         sync_ctx = no_sync() if (no_sync is not None and i < n_micro - 1) else contextlib.nullcontext()
         with sync_ctx:
             with autocast():
-                loss = micro_batch_loss(model, batch, vocab_size, fused)
+                loss = micro_batch_loss(model, batch, vocab_size, fused, pstate)
             (loss * (loss_scale / n_micro)).backward()
         losses.append(loss.detach())
     return [float(x) for x in torch.stack(losses).cpu()]
@@ -56,11 +58,11 @@ def forward_backward(model: torch.nn.Module, micro_batches: Iterable[dict[str, t
 @torch.no_grad()
 def forward_only(model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int,
                  device: torch.device, vocab_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
-                 fused: bool = False) -> list[float]:
+                 fused: bool = False, pstate: Optional[ParallelState] = None) -> list[float]:
     losses = []
     it = iter(micro_batches)
     for _ in range(n_micro):
         batch = split_batch(next(it), device)
         with autocast():
-            losses.append(micro_batch_loss(model, batch, vocab_size, fused).detach())
+            losses.append(micro_batch_loss(model, batch, vocab_size, fused, pstate).detach())
     return [float(x) for x in torch.stack(losses).cpu()]

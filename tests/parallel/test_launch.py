@@ -1,0 +1,57 @@
+"""Launch failure handling under torchrun: a rank that dies or hangs makes the whole job exit non-zero,
+within the process-group timeout (`parallel.timeout_minutes`), instead of hanging for the 30-minute default.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+WORKER = textwrap.dedent("""
+    import os, sys, time
+    import torch, torch.distributed as dist
+    from engine.parallel.state import ParallelState
+
+    mode = sys.argv[1]
+    state = ParallelState.initialize(device="cpu", timeout_minutes=0.1)  # 6 s
+    t = torch.ones(4)
+    dist.all_reduce(t)  # everyone is up
+    open(f"ready{state.rank}", "w").close()  # a marker file: stdout of the two ranks can interleave
+    if state.rank == 1:
+        if mode == "die":
+            os._exit(3)          # a crash: no cleanup, no error message to peers
+        time.sleep(600)          # a hang: peers only notice through the timeout
+    for _ in range(1000):
+        dist.all_reduce(t)       # rank 0 keeps communicating with the dead/hung peer
+        time.sleep(0.01)
+    print("rank", state.rank, "finished without noticing the failure", flush=True)
+""")
+
+
+def _torchrun(tmp_path: Path, mode: str) -> tuple[int, float, str]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(script), mode]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return proc.returncode, time.monotonic() - start, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("mode, limit_s", [("die", 40.0), ("hang", 50.0)])
+def test_failed_rank_fails_the_job(tmp_path, mode, limit_s):
+    rc, elapsed, out = _torchrun(tmp_path, mode)
+    assert rc != 0, out[-3000:]
+    # Both ranks got past start-up: the job failed for the intended reason, not an import or init error.
+    assert (tmp_path / "ready0").exists() and (tmp_path / "ready1").exists(), out[-3000:]
+    assert "finished without noticing" not in out
+    if mode == "hang":
+        assert "Timed out" in out, out[-3000:]  # gloo's timeout error: the configured 6 s fired
+    assert elapsed < limit_s, f"{mode}: job took {elapsed:.1f} s to fail\n{out[-3000:]}"
