@@ -29,9 +29,12 @@ def _nullctx() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _tp_kwargs(pstate: ParallelState) -> dict:
-    """Last-stage logits are split over the vocabulary when tp > 1: the loss needs the tp group."""
-    return {"pstate": pstate} if pstate.tp > 1 else {}
+def _default_loss_fn(vocab_size: int, fused: bool, pstate: ParallelState
+                     ) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
+    """lm_loss on the last stage (vocab-parallel at tp > 1), with the batch made by step.split_batch."""
+    def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return lm_loss(logits, batch["targets"], vocab_size, batch.get("loss_mask"), fused=fused, pstate=pstate)
+    return loss_fn
 
 
 def prepare_zero_bubble(chunks: Sequence[nn.Module]) -> WeightGradStore:
@@ -92,10 +95,7 @@ def forward_backward_pipeline(
     it = iter(micro_batches)
     batches = [split_batch(next(it), device) for _ in range(n_micro)]
     losses: dict[int, torch.Tensor] = {}
-    if loss_fn is None:
-        def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return lm_loss(logits, batch["targets"], vocab_size, batch.get("loss_mask"), fused=fused,
-                           **_tp_kwargs(pstate))
+    loss_fn = loss_fn or _default_loss_fn(vocab_size, fused, pstate)
 
     with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
         _run_actions(sched, chunks, comm, store, batches, losses, r, loss_scale / n_micro, loss_fn, autocast)
@@ -170,10 +170,7 @@ def forward_only_pipeline(
     pp, r, vpp = pstate.pp, pstate.pp_rank, len(chunks)
     shape = activation_shape(micro_batch_size, seq_len, d_model, pstate.tp, pstate.sequence_parallel)
     comm = StageP2P(pstate, vpp, n_micro, shape, comm_dtype, device)
-    if loss_fn is None:
-        def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return lm_loss(logits, batch["targets"], vocab_size, batch.get("loss_mask"), fused=fused,
-                           **_tp_kwargs(pstate))
+    loss_fn = loss_fn or _default_loss_fn(vocab_size, fused, pstate)
     last_stage = pp * vpp - 1
     losses: dict[int, torch.Tensor] = {}
     it = iter(micro_batches)
