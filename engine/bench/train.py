@@ -79,11 +79,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--iters must be larger than --warmup")
 
     cfg = load_config(args.config, args.overrides, world_size=1)
-    if cfg.model.vocab_size == 0:
-        from engine.data import build_tokenizer
-
-        cfg.model.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
     from engine.parallel.state import pick_device
+    from engine.train.loop import resolve_vocab
+
+    resolve_vocab(cfg)  # the minimal loop needs the model's vocabulary before our loop runs
 
     device = pick_device(cfg.train.device, 0)
     ours, minimal = [], []

@@ -167,6 +167,15 @@ class MLP(nn.Module):
         return self.down_proj(h)  # [B, S, D] or [B, S/tp, D]
 
 
+def residual_dropout(drop: nn.Dropout, y: torch.Tensor, pstate: ParallelState) -> torch.Tensor:
+    """Dropout on the residual stream. With sequence parallel each tp rank holds different positions, so its
+    mask comes from its own stream; replicated activations use the shared default stream (equal masks)."""
+    if pstate.sequence_parallel and drop.training and drop.p > 0:
+        with model_parallel_rng(pstate):
+            return drop(y)
+    return drop(y)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -179,17 +188,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.pstate = pstate
 
-    def _drop(self, y: torch.Tensor) -> torch.Tensor:
-        if self.pstate.sequence_parallel and self.training and self.drop.p > 0:
-            with model_parallel_rng(self.pstate):  # each rank holds different positions: independent masks
-                return self.drop(y)
-        return self.drop(y)  # replicated activations: the shared default stream gives equal masks
-
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x [B, S, D], or [B, S/tp, D] with sequence parallel
-        x = x + self._drop(self.attn(self.attn_norm(x), rope, doc_ids))
-        return x + self._drop(self.mlp(self.mlp_norm(x)))
+        x = x + residual_dropout(self.drop, self.attn(self.attn_norm(x), rope, doc_ids), self.pstate)
+        return x + residual_dropout(self.drop, self.mlp(self.mlp_norm(x)), self.pstate)
 
 
 # --------------------------------------------------------------------------- model
@@ -273,11 +276,7 @@ class Transformer(nn.Module):
                 if sp:  # this rank's contiguous block of positions
                     pos = pos.chunk(tp, dim=-1)[self.pstate.tp_rank]
                 h = h + self.pos_embed(pos)
-            if sp and self.training and self.embed_drop.p > 0:
-                with model_parallel_rng(self.pstate):
-                    h = self.embed_drop(h)
-            else:
-                h = self.embed_drop(h)
+            h = residual_dropout(self.embed_drop, h, self.pstate)
         else:
             h = x
         rope = None

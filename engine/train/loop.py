@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from engine.config import Config, ConfigError
-from engine.data import PretrainingSampler, build_datasets, build_tokenizer
+from engine.data import PretrainingSampler, Tokenizer, build_datasets, build_tokenizer
 from engine.model.transformer import Transformer, build_model
 from engine.optim import build_adamw, lr_at
 from engine.optim.clip import counts_toward_norm
@@ -53,6 +53,18 @@ def _peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kb / 2**20
+
+
+def resolve_vocab(cfg: Config) -> Tokenizer:
+    """Build the configured tokenizer and fill model.vocab_size from it (0 = take the tokenizer's), or fail
+    if the model's vocabulary is smaller than the tokenizer's."""
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r})")
+    return tokenizer
 
 
 def _count_params(chunks: list[Transformer], pstate: ParallelState) -> int:
@@ -118,12 +130,7 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
     seed_parallel_rng(t.seed, pstate)  # default stream per pp stage + a per-tp-rank stream for dropout
 
     # Tokenizer first: it fixes the vocabulary the model is built for.
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r})")
+    tokenizer = resolve_vocab(cfg)
     out_dir = Path(t.out_dir)
     if pstate.is_rank0:
         prepare_run_dir(out_dir, cfg)
@@ -242,10 +249,9 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
             raise FloatingPointError(f"loss became {loss} at step {done}; lower optim.lr or check the data")
 
     logger.close()
-    if pstate.world_size > 1:
-        if pstate.is_rank0:
-            logger.console("tessera: final weights are written by single-process runs only for now; gathering a "
-                           "parallel layout into one file arrives with sharded checkpoints")
+    if pstate.is_rank0 and pstate.is_distributed:
+        logger.console("tessera: final weights are written by single-process runs only for now; gathering a "
+                       "parallel layout into one file arrives with sharded checkpoints")
     elif pstate.is_rank0:
         save_final_weights(out_dir, model)
         if t.sample_prompt is not None:
