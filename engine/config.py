@@ -443,6 +443,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                f"change the sizes or give parallel.pp_layout")
     _check(p.vpp == 1 or p.schedule == "interleaved",
            f"parallel.vpp={p.vpp} needs parallel.schedule='interleaved', found {p.schedule!r}")
+    _check(not cfg.train.compile or p.pp == 1,
+           "train.compile=true is not supported with parallel.pp > 1 yet (pipeline stages run eagerly); "
+           "set train.compile=false or parallel.pp=1")
     _check(p.timeout_minutes > 0, f"parallel.timeout_minutes: expected > 0, found {p.timeout_minutes}")
 
     # batch arithmetic

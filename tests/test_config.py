@@ -42,6 +42,7 @@ def test_int_accepted_for_float_but_not_bool_for_int():
     ({"data": {"split": "a,b"}}, r"data.split"),
     ({"parallel": {"vpp": 2}}, r"vpp=2 needs parallel.schedule='interleaved'"),
     ({"model": {"preset": "gtp2"}}, r"unknown preset 'gtp2'.*Did you mean 'gpt2'"),
+    ({"train": {"compile": True}, "parallel": {"pp": 2}}, r"train.compile=true is not supported with parallel.pp > 1"),
 ])
 def test_impossible_combinations(tree, pattern):
     with pytest.raises(ConfigError, match=pattern):

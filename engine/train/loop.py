@@ -146,7 +146,7 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
         ddp, optimizer = wrap_data_parallel(chunks, None, cfg, pstate)
     else:
         optimizer = build_adamw(model.named_parameters(), cfg.optim, device)
-    fwd_model = torch.compile(model) if (t.compile and pstate.pp == 1) else model
+    fwd_model = torch.compile(model) if t.compile else model  # config rejects compile with pp > 1
     scaler = DynamicLossScaler(cfg.precision.initial_loss_scale, cfg.precision.loss_scale_window,
                                cfg.precision.hysteresis, cfg.precision.min_loss_scale) \
         if cfg.precision.dtype == "fp16" else None
