@@ -14,6 +14,9 @@ import os
 
 import torch
 
+# Whether the user asked for the interpreter (before our default below): the model uses the
+# Triton path on CPU tensors only then (engine/model/ops.py); direct calls work either way.
+INTERPRET_REQUESTED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -43,7 +46,7 @@ if TRITON_AVAILABLE:
     from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
     from kernels.swiglu import swiglu, swiglu_ref
 
-__all__ = ["TRITON_AVAILABLE", "INTERPRET"]
+__all__ = ["TRITON_AVAILABLE", "INTERPRET", "INTERPRET_REQUESTED"]
 if TRITON_AVAILABLE:  # only names that exist here, so `from kernels import *` works without triton
     __all__ += [
         "flash_attention",

@@ -20,6 +20,13 @@ a shard; :func:`combine_stats` merges shard pieces
 (all-reduce MAX then SUM). Passing ``process_group`` (and ``vocab_start``) to
 :func:`cross_entropy` does exactly this with torch.distributed; the backward then
 needs no communication: each rank writes the gradient of its own shard.
+
+Padded vocabulary: with ``vocab_size`` (the real global vocabulary) smaller than the
+logits' width, global ids >= vocab_size are padding. Each shard runs the kernels on
+its first ``clamp(vocab_size - vocab_start, 0, V_local)`` columns only (a view: the
+kernels take a row stride), so padding never enters the softmax, the smoothing sum
+or the z-loss, V in eps / V is vocab_size, and the padded gradient columns are 0.
+A shard of padding only launches nothing and contributes neutral stats.
 """
 from __future__ import annotations
 
@@ -82,8 +89,12 @@ def _ce_bwd(
 
 
 def _block_v(v: int) -> int:
+    # next_power_of_2(0) is 0, not a valid tl.arange size; 16 keeps tiny vocabularies sane.
     cap = 1024 if interpreting() else 4096
-    return min(cap, triton.next_power_of_2(v))
+    return min(cap, max(16, triton.next_power_of_2(v)))
+
+
+_NO_MAX = -1.0e30  # the kernels' finite "no column seen" max: exp(_NO_MAX - m) == 0 for any real m
 
 
 def cross_entropy_stats(
@@ -98,6 +109,9 @@ def cross_entropy_stats(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     m_rows, v = logits.shape
+    if v == 0 or m_rows == 0:  # nothing to read (a shard of padding only): the neutral pieces
+        m = torch.full((m_rows,), _NO_MAX, device=logits.device, dtype=torch.float32)
+        return m, torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
     outs = [torch.empty(m_rows, device=logits.device, dtype=torch.float32) for _ in range(4)]
     _ce_stats[(m_rows,)](logits, targets.contiguous(), *outs, logits.stride(0), v, vocab_start,
                          ignore_index, BLOCK_V=_block_v(v), num_warps=8)
@@ -126,12 +140,18 @@ def _all_reduce_stats(stats, group):
     return m_glob, rest[0], rest[1], rest[2]
 
 
+def _valid_columns(vocab_size: int, vocab_start: int, v_local: int) -> int:
+    """How many leading columns of a shard are real vocabulary (the rest is padding)."""
+    return max(0, min(vocab_size - vocab_start, v_local))
+
+
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, smooth, z_loss, reduction, group, vocab_start, vocab_size):
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         targets = targets.contiguous()
-        stats = cross_entropy_stats(logits, targets, vocab_start, ignore_index)
+        n_cols = _valid_columns(vocab_size, vocab_start, logits.shape[1])
+        stats = cross_entropy_stats(logits[:, :n_cols], targets, vocab_start, ignore_index)
         if group is not None:
             stats = _all_reduce_stats(stats, group)
         m, s, xt, sx = stats
@@ -147,26 +167,58 @@ class _CrossEntropy(torch.autograd.Function):
         else:
             out = loss
         ctx.save_for_backward(logits, targets, lse, valid, n_valid)
-        ctx.args = (ignore_index, smooth, z_loss, reduction, vocab_start, vocab_size)
+        ctx.args = (ignore_index, smooth, z_loss, reduction, vocab_start, vocab_size, n_cols)
         return out  # fp32 (also for 16-bit logits)
 
     @staticmethod
     def backward(ctx, dout):
         logits, targets, lse, valid, n_valid = ctx.saved_tensors
-        ignore_index, smooth, z_loss, reduction, vocab_start, vocab_size = ctx.args
+        ignore_index, smooth, z_loss, reduction, vocab_start, vocab_size, n_cols = ctx.args
+        coef = dout.float() * valid
         if reduction == "mean":
-            coef = dout.float() / n_valid.clamp_min(1).float() * valid
-        elif reduction == "sum":
-            coef = dout.float() * valid
-        else:
-            coef = dout.float() * valid
+            coef = coef / n_valid.clamp_min(1).float()
         coef = coef.expand_as(lse).contiguous()
         dx = torch.empty_like(logits)
         m_rows, v = logits.shape
-        _ce_bwd[(m_rows,)](logits, targets, dx, lse.contiguous(), coef, logits.stride(0), dx.stride(0),
-                           v, vocab_start, ignore_index, smooth, 2.0 * z_loss, smooth / vocab_size,
-                           BLOCK_V=_block_v(v), num_warps=8)
+        if n_cols < v:  # padding columns are outside the loss: exactly zero gradient
+            dx[:, n_cols:].zero_()
+        if n_cols > 0 and m_rows > 0:
+            # The kernel walks only the first n_cols columns of each row (row strides of the full tensors).
+            _ce_bwd[(m_rows,)](logits, targets, dx, lse.contiguous(), coef, logits.stride(0), dx.stride(0),
+                               n_cols, vocab_start, ignore_index, smooth, 2.0 * z_loss, smooth / vocab_size,
+                               BLOCK_V=_block_v(n_cols), num_warps=8)
         return dx, None, None, None, None, None, None, None, None
+
+
+def _resolve_vocab_size(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str, process_group, vocab_start: int,
+    vocab_size: int | None,
+) -> int:
+    """Validate the arguments of :func:`cross_entropy`; return the real global vocabulary size."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be mean|sum|none, got {reduction!r}")
+    if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} + (V,)")
+    v_local = logits.shape[-1]
+    if v_local == 0:
+        raise ValueError("logits have an empty vocabulary dimension")
+    world = 1
+    if process_group is not None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size(process_group)
+    v_total = v_local * world
+    if process_group is None and vocab_start != 0:
+        # Without a group the shard is the whole vocabulary; an offset would mis-scale eps / V.
+        raise ValueError(f"vocab_start={vocab_start} needs process_group (the logits are the full vocabulary)")
+    if not (0 <= vocab_start <= v_total - v_local and vocab_start % v_local == 0):
+        raise ValueError(f"vocab_start={vocab_start} is not a shard start: expected a multiple of the local "
+                         f"vocab {v_local} in [0, {v_total - v_local}] (world size {world})")
+    vocab_size = v_total if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= v_total:
+        raise ValueError(f"vocab_size={vocab_size} must be in (0, {v_total}] (world size {world} x local "
+                         f"vocab {v_local})")
+    return vocab_size
 
 
 def cross_entropy(
@@ -178,22 +230,20 @@ def cross_entropy(
     reduction: str = "mean",
     process_group=None,
     vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Fused softmax cross entropy. logits (..., V[_local]), targets (...) int.
 
     reduction: "mean" (over non-ignored targets, as torch), "sum" or "none".
     z_loss adds z_loss * lse^2 per row. With process_group, logits is this rank's
     vocab shard starting at vocab_start (all ranks' shards equal-sized).
+    vocab_size: the real (unpadded) global vocabulary, default V_local * world size;
+    columns with global id >= vocab_size are padding: outside the loss, zero gradient.
+    Targets must lie in [0, vocab_size) or equal ignore_index (not checked: no sync).
     """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be mean|sum|none, got {reduction!r}")
+    vocab_size = _resolve_vocab_size(logits, targets, reduction, process_group, vocab_start, vocab_size)
     shape = targets.shape
     v_local = logits.shape[-1]
-    vocab_size = v_local
-    if process_group is not None:
-        import torch.distributed as dist
-
-        vocab_size = v_local * dist.get_world_size(process_group)
     out = _CrossEntropy.apply(
         logits.reshape(-1, v_local), targets.reshape(-1), ignore_index, float(label_smoothing),
         float(z_loss), reduction, process_group, vocab_start, vocab_size)

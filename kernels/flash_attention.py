@@ -67,6 +67,29 @@ if interpreting():
     _DKDV_CONFIGS = [triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 64}, num_warps=4, num_stages=1)]
 
 
+# --------------------------------------------------------------------------- dots
+# The CPU interpreter computes bf16 dots wrongly (numpy has no bf16). There the wrappers
+# get INPUT_PREC="bf16-emulated": operands are widened to fp32 right before the dot, after
+# every rounding the GPU path does (P and dS still go through bf16), so the bf16 code path
+# is tested on CPU. On a GPU INPUT_PREC is "ieee"/"tf32" and the helpers are plain tl.dot.
+@triton.jit
+def _dot(a, b, INPUT_PREC: tl.constexpr):
+    if INPUT_PREC == "bf16-emulated":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=INPUT_PREC)
+    return out
+
+
+@triton.jit
+def _dot_acc(a, b, acc, INPUT_PREC: tl.constexpr):
+    if INPUT_PREC == "bf16-emulated":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=INPUT_PREC)
+    return out
+
+
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(
@@ -85,7 +108,7 @@ def _fwd_inner(
         # K loaded transposed: (BLOCK_D, BLOCK_N)
         kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = tl.dot(q, kT, input_precision=INPUT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+        qk = _dot(q, kT, INPUT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
         if CAUSAL_MASK:
             qk = tl.where(offs_m[:, None] >= cols[None, :], qk, -1.0e30)
         if KEY_MASK:
@@ -102,7 +125,7 @@ def _fwd_inner(
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PREC)
+        acc = _dot_acc(p.to(v.dtype), v, acc, INPUT_PREC)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -222,7 +245,7 @@ def _dkdv_inner(
         qT = tl.load(q_base + rows[None, :] * stride_qn + offs_d[:, None],
                      mask=row_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M1)
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-        qkT = tl.dot(k, qT, input_precision=INPUT_PREC) * qk_scale  # (BLOCK_N1, BLOCK_M1)
+        qkT = _dot(k, qT, INPUT_PREC) * qk_scale  # (BLOCK_N1, BLOCK_M1)
         pT = tl.math.exp2(qkT - lse[None, :])
         if CAUSAL_MASK:
             pT = tl.where(rows[None, :] >= offs_n[:, None], pT, 0.0)
@@ -231,11 +254,11 @@ def _dkdv_inner(
             pT = tl.where(doc_k[:, None] == doc_q[None, :], pT, 0.0)
         do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :],
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M1, BLOCK_D)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PREC)
+        dv = _dot_acc(pT.to(do.dtype), do, dv, INPUT_PREC)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PREC)  # (BLOCK_N1, BLOCK_M1)
+        dpT = _dot(v, tl.trans(do), INPUT_PREC)  # (BLOCK_N1, BLOCK_M1)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PREC)
+        dk = _dot_acc(dsT.to(qT.dtype), tl.trans(qT), dk, INPUT_PREC)
     return dk, dv
 
 
@@ -329,16 +352,16 @@ def _dq_inner(
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N2)
         vT = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None],
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = tl.dot(q, kT, input_precision=INPUT_PREC) * qk_scale  # (BLOCK_M2, BLOCK_N2)
+        qk = _dot(q, kT, INPUT_PREC) * qk_scale  # (BLOCK_M2, BLOCK_N2)
         p = tl.math.exp2(qk - lse[:, None])
         if CAUSAL_MASK:
             p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
         if HAS_DOCS:
             doc_k = tl.load(doc_base + cols, mask=col_ok, other=-2)
             p = tl.where(doc_q[:, None] == doc_k[None, :], p, 0.0)
-        dp = tl.dot(do, vT, input_precision=INPUT_PREC)
+        dp = _dot(do, vT, INPUT_PREC)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PREC)
+        dq = _dot_acc(ds.to(kT.dtype), tl.trans(kT), dq, INPUT_PREC)
     return dq
 
 
@@ -439,6 +462,9 @@ def _doc_runs(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def _prec(dtype: torch.dtype) -> str:
     # fp32 inputs: exact fp32 dots (tests, fp32 training); 16-bit inputs use the tensor cores.
+    # bf16 under the CPU interpreter: emulated (see _dot).
+    if dtype == torch.bfloat16 and interpreting():
+        return "bf16-emulated"
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

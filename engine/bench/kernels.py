@@ -11,6 +11,12 @@ measures the two ceilings: a device-to-device copy (GB/s, read + write) and a
 bf16 matrix product (TFLOP/s). CUDA timings are ``triton.testing.do_bench``
 medians. On a machine without CUDA the kernels run in the triton interpreter
 on tiny shapes: the numbers only show that the code runs.
+
+Passes per kernel: ``fwd``; ``bwd`` alone (backward of one kept forward, retain_graph);
+``fwd+bwd`` as a training step runs it; on CUDA ``fwd+bwd graph``, the same replayed
+from a CUDA graph (GPU time only). ``host us`` is the host time per eager call when the
+GPU is not waited for: where it exceeds the GPU time, the eager figure measures Python
+and launch overhead rather than the kernels.
 """
 from __future__ import annotations
 
@@ -47,11 +53,16 @@ def _time_ms(fn: Callable[[], object]) -> float:
     return statistics.median(times)
 
 
-def _fwd_bwd(fn: Callable[[], torch.Tensor | tuple], inputs: list[torch.Tensor]) -> Callable[[], None]:
-    """A closure running forward + backward with a fixed random upstream gradient."""
+def _forward_once(fn: Callable[[], torch.Tensor | tuple]) -> tuple[tuple, list[torch.Tensor]]:
+    """One forward's outputs and a fixed random upstream gradient for each."""
     out = fn()
     outs = out if isinstance(out, tuple) else (out,)
-    grads = [torch.randn_like(o) for o in outs]
+    return outs, [torch.randn_like(o) for o in outs]
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor | tuple], inputs: list[torch.Tensor]) -> Callable[[], None]:
+    """A closure running forward + backward with a fixed random upstream gradient."""
+    _, grads = _forward_once(fn)
 
     def run():
         for t in inputs:
@@ -60,6 +71,79 @@ def _fwd_bwd(fn: Callable[[], torch.Tensor | tuple], inputs: list[torch.Tensor])
         torch.autograd.backward(o if isinstance(o, tuple) else (o,), grads)
 
     return run
+
+
+def _bwd_only(fn: Callable[[], torch.Tensor | tuple], inputs: list[torch.Tensor]) -> Callable[[], None]:
+    """A closure running only the backward of one kept forward (retain_graph), so the backward
+    kernels are timed without the forward."""
+    outs, grads = _forward_once(fn)
+
+    def run():
+        for t in inputs:
+            t.grad = None
+        torch.autograd.backward(outs, grads, retain_graph=True)
+
+    return run
+
+
+def _graphed(run: Callable[[], None]) -> Callable[[], None]:
+    """run() captured in a CUDA graph: replaying it costs one launch, so its time is GPU time only.
+
+    The gap between this and the eager time is host overhead (Python autograd, launches,
+    allocations) that the GPU waited for."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (autotuning, allocator) outside the capture
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
+def _host_us(run: Callable[[], object], n: int = 20) -> float:
+    """Host microseconds per call when the GPU is not waited for (launch + Python overhead)."""
+    if not CUDA:
+        return float("nan")
+    run()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        run()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def _time_passes(t: "Table", kernel: str, name: str, shape: str, fn: Callable, inputs: list[torch.Tensor],
+                 unit: str, fwd_amount: float, bwd_amount: float) -> None:
+    """Rows for fwd, bwd (alone), fwd+bwd and, on CUDA, fwd+bwd replayed from a CUDA graph."""
+    f_ms = _safe(t, kernel, name, shape, "fwd", fn, unit, fwd_amount, host_us=_host_us_safe(fn))
+    if f_ms is None:
+        return
+    for pass_, make, amount in (("bwd", _bwd_only, bwd_amount), ("fwd+bwd", _fwd_bwd, fwd_amount + bwd_amount)):
+        try:
+            run = make(fn, inputs)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other passes
+            print(f"  {kernel} {name} {pass_}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        _safe(t, kernel, name, shape, pass_, run, unit, amount, host_us=_host_us_safe(run))
+        if pass_ == "fwd+bwd" and CUDA:
+            try:
+                replay = _graphed(run)
+            except Exception as e:  # noqa: BLE001 - some baselines cannot be captured
+                print(f"  {kernel} {name} fwd+bwd graph: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            _safe(t, kernel, name, shape, "fwd+bwd graph", replay, unit, amount)
+
+
+def _host_us_safe(run: Callable[[], object]) -> float:
+    try:
+        return _host_us(run)
+    except Exception:  # noqa: BLE001 - the timing row reports the failure itself
+        return float("nan")
 
 
 def _maybe_compile(fn, enabled: bool):
@@ -77,22 +161,25 @@ class Table:
         self.rows: list[dict] = []
 
     def add(self, kernel: str, impl: str, shape: str, pass_: str, ms: float, unit: str, value: float,
-            note: str = "") -> None:
+            note: str = "", host_us: float = float("nan")) -> None:
+        host = None if math.isnan(host_us) else round(host_us, 1)
         self.rows.append(dict(kernel=kernel, impl=impl, shape=shape, pass_=pass_, ms=round(ms, 4),
-                              unit=unit, value=round(value, 2), note=note))
-        print(f"  {kernel:14s} {impl:16s} {pass_:8s} {ms:10.3f} ms {value:10.1f} {unit:7s} {shape} {note}",
-              flush=True)
+                              unit=unit, value=round(value, 2), host_us=host, note=note))
+        print(f"  {kernel:14s} {impl:16s} {pass_:13s} {ms:10.3f} ms {value:10.1f} {unit:7s} "
+              f"{'' if host is None else f'host {host:7.1f} us'} {shape} {note}", flush=True)
 
     def render(self) -> str:
-        head = f"{'kernel':14s} {'impl':16s} {'pass':8s} {'ms':>10s} {'value':>10s} unit"
+        head = f"{'kernel':14s} {'impl':16s} {'pass':13s} {'ms':>10s} {'value':>10s} {'unit':7s} {'host us':>8s}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            lines.append(f"{r['kernel']:14s} {r['impl']:16s} {r['pass_']:8s} {r['ms']:10.3f} "
-                         f"{r['value']:10.1f} {r['unit']}")
+            host = "" if r["host_us"] is None else f"{r['host_us']:8.1f}"
+            lines.append(f"{r['kernel']:14s} {r['impl']:16s} {r['pass_']:13s} {r['ms']:10.3f} "
+                         f"{r['value']:10.1f} {r['unit']:7s} {host}")
         return "\n".join(lines)
 
 
-def _safe(table: Table, kernel: str, impl: str, shape: str, pass_: str, fn, unit: str, amount: float):
+def _safe(table: Table, kernel: str, impl: str, shape: str, pass_: str, fn, unit: str, amount: float,
+          host_us: float = float("nan")):
     """Time fn and add a row; amount is FLOPs (TFLOP/s) or bytes (GB/s)."""
     try:
         ms = _time_ms(fn)
@@ -100,7 +187,7 @@ def _safe(table: Table, kernel: str, impl: str, shape: str, pass_: str, fn, unit
         print(f"  {kernel} {impl} {pass_}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         return None
     scale = 1e-12 if unit == "TFLOP/s" else 1e-9
-    table.add(kernel, impl, shape, pass_, ms, unit, amount / (ms * 1e-3) * scale)
+    table.add(kernel, impl, shape, pass_, ms, unit, amount / (ms * 1e-3) * scale, host_us=host_us)
     return ms
 
 
@@ -147,36 +234,15 @@ def bench_attention(t: Table, a) -> None:
                         return F.scaled_dot_product_attention(q, kr, vr, is_causal=causal)
                 impls.append((name, run_sdpa, [q, kr, vr]))
         for name, fn, inputs in impls:
-            f_ms = _safe(t, f"attn-{tag}", name, shape, "fwd", lambda: fn(), "TFLOP/s", flops)
-            if f_ms is None:
-                continue
-            try:
-                fb = _fwd_bwd(fn, inputs)
-            except Exception as e:  # noqa: BLE001
-                print(f"  attn {name} bwd: failed: {e}", flush=True)
-                continue
-            fb_ms = _safe(t, f"attn-{tag}", name, shape, "fwd+bwd", fb, "TFLOP/s", 3.5 * flops)
-            if fb_ms is not None and fb_ms > f_ms:
-                bwd_ms = fb_ms - f_ms
-                t.add(f"attn-{tag}", name, shape, "bwd", bwd_ms, "TFLOP/s", 2.5 * flops / (bwd_ms * 1e-3) * 1e-12,
-                      "fwd+bwd minus fwd")
+            _time_passes(t, f"attn-{tag}", name, shape, fn, inputs, "TFLOP/s", flops, 2.5 * flops)
 
 
 # --------------------------------------------------------------------------- memory-bound kernels
 def _bench_mem(t: Table, a, kernel: str, impls: dict[str, Callable], inputs: list[torch.Tensor], shape: str,
                fwd_bytes: float, bwd_bytes: float) -> None:
     for name, fn in impls.items():
-        if fn is None:
-            continue
-        f_ms = _safe(t, kernel, name, shape, "fwd", lambda: fn(), "GB/s", fwd_bytes)
-        if f_ms is None:
-            continue
-        try:
-            fb = _fwd_bwd(fn, inputs)
-        except Exception as e:  # noqa: BLE001
-            print(f"  {kernel} {name} bwd: failed: {e}", flush=True)
-            continue
-        _safe(t, kernel, name, shape, "fwd+bwd", fb, "GB/s", fwd_bytes + bwd_bytes)
+        if fn is not None:
+            _time_passes(t, kernel, name, shape, fn, inputs, "GB/s", fwd_bytes, bwd_bytes)
 
 
 def bench_norms(t: Table, a, kind: str) -> None:
@@ -248,80 +314,6 @@ def bench_cross_entropy(t: Table, a) -> None:
     _bench_mem(t, a, "cross_entropy", impls, [x], f"{m}x{v}", m * v * es, 2 * m * v * es)
 
 
-# --------------------------------------------------------------------------- correctness (GPU, bf16)
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
-def run_checks(a) -> list[dict]:
-    """bf16 kernels vs fp32 torch references at realistic shapes; relative L2 errors."""
-    from kernels.cross_entropy import cross_entropy, cross_entropy_ref
-    from kernels.flash_attention import attention_ref, flash_attention
-    from kernels.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
-    from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
-    from kernels.swiglu import swiglu, swiglu_ref
-
-    dev, dt = a.device, torch.bfloat16 if CUDA else torch.float32
-    results = []
-
-    def check(name, fn, ref, inputs, tol):
-        try:
-            out = fn(*inputs)
-            outs = out if isinstance(out, tuple) else (out,)
-            grads_out = [torch.randn_like(o) for o in outs]
-            grads = torch.autograd.grad(outs, inputs, grads_out)
-            f32 = [i.detach().float().requires_grad_() for i in inputs]
-            r = ref(*f32)
-            routs = r if isinstance(r, tuple) else (r,)
-            rgrads = torch.autograd.grad(routs, f32, [g.float() for g in grads_out])
-            errs = [_rel(o, ro) for o, ro in zip(outs, routs)] + [_rel(g, rg) for g, rg in zip(grads, rgrads)]
-            ok = all(math.isfinite(e) and e < tol for e in errs)
-            res = dict(check=name, ok=ok, max_rel_err=max(errs), tol=tol)
-        except Exception as e:  # noqa: BLE001
-            res = dict(check=name, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-        print(f"  check {name:40s} {'OK' if res['ok'] else 'FAIL'} {res.get('max_rel_err', res.get('error'))}",
-              flush=True)
-        results.append(res)
-
-    def rnd(*s):
-        return torch.randn(*s, device=dev, dtype=dt, requires_grad=True)
-
-    n = 1999 if CUDA else 67
-    for causal in (True, False):
-        # every head dim once causal; non-causal at 128 only (each variant compiles ~12 kernels)
-        dims = (64, 128, 256) if causal else (128,)
-        for d in (dims if CUDA else (32,)):
-            b, h, hkv = (2, 16, 4) if CUDA else (1, 4, 2)
-            check(f"attn causal={causal} D={d} GQA {h}/{hkv} N={n}",
-                  lambda q, k, v, c=causal: flash_attention(q, k, v, causal=c),
-                  lambda q, k, v, c=causal: attention_ref(q, k, v, causal=c),
-                  [rnd(b, h, n, d), rnd(b, hkv, n, d), rnd(b, hkv, n, d)], 2e-2)
-        doc = torch.zeros(2, n, dtype=torch.int64, device=dev)
-        doc[0, 300 % n:] += 1
-        doc[0, 1001 % n:] += 1
-        doc[1, 777 % n:] += 1
-        check(f"attn causal={causal} documents N={n}",
-              lambda q, k, v, c=causal: flash_attention(q, k, v, causal=c, doc_ids=doc),
-              lambda q, k, v, c=causal: attention_ref(q, k, v, causal=c, doc_ids=doc),
-              [rnd(2, 8, n, 128 if CUDA else 32), rnd(2, 2, n, 128 if CUDA else 32),
-               rnd(2, 2, n, 128 if CUDA else 32)], 2e-2)
-    m, dm = (8191, 4096) if CUDA else (33, 64)
-    check(f"rmsnorm {m}x{dm}", lambda x, w: rms_norm(x, w), lambda x, w: rms_norm_ref(x, w),
-          [rnd(m, dm), rnd(dm)], 1e-2)
-    check(f"layernorm {m}x{dm}", lambda x, w, b: layer_norm(x, w, b), lambda x, w, b: layer_norm_ref(x, w, b),
-          [rnd(m, dm), rnd(dm), rnd(dm)], 1e-2)
-    cos, sin = rope_cos_sin(n, 128 if CUDA else 32, device=dev)
-    check(f"rope N={n}", lambda q, k: apply_rope(q, k, cos, sin), lambda q, k: apply_rope_ref(q, k, cos, sin),
-          [rnd(2, 16, n, 128 if CUDA else 32), rnd(2, 4, n, 128 if CUDA else 32)], 1e-2)
-    check(f"swiglu {m}x{dm}", swiglu, swiglu_ref, [rnd(m, dm), rnd(m, dm)], 1e-2)
-    mv, vv = (4097, 128256) if CUDA else (17, 1000)
-    y = torch.randint(0, vv, (mv,), device=dev)
-    y[::7] = -100
-    check(f"cross_entropy {mv}x{vv} smooth+z", lambda x: cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-4),
-          lambda x: cross_entropy_ref(x, y, label_smoothing=0.1, z_loss=1e-4), [rnd(mv, vv)], 1e-2)
-    return results
-
-
 # --------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tessera bench kernels", description=__doc__.split("\n")[0])
@@ -339,7 +331,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=None, help="cross-entropy vocab (default 128256)")
     p.add_argument("--ce-tokens", type=int, default=None, help="cross-entropy rows (default 4096)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile baselines")
-    p.add_argument("--check", action="store_true", help="run bf16 correctness checks first")
+    p.add_argument("--check", action="store_true",
+                   help="first check every kernel's forward and gradients against an fp32 reference "
+                        "(realistic bf16 shapes on CUDA, small shapes on CPU)")
     p.add_argument("--json", default=None, help="also write all results here")
     return p
 
@@ -354,6 +348,7 @@ def _defaults(a) -> None:
             setattr(a, key, val)
     a.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     a.device = "cuda" if CUDA else "cpu"
+    a.check_dtype = a.dtype if a.dtype != torch.float32 or not CUDA else torch.bfloat16
     a.rope_batch = max(1, a.batch // 4) if CUDA else a.batch
     if not CUDA:
         a.compile = False  # compiling on CPU costs minutes and says nothing about GPU speed
@@ -377,8 +372,11 @@ def main(argv: Optional[list[str]] = None) -> int:
               "the numbers below are NOT meaningful performance figures.")
     out: dict = dict(env=env, args={k: str(v) for k, v in vars(a).items()}, checks=[], results=[])
     if a.check:
-        print("# correctness (bf16 vs fp32 reference, relative L2 error)")
-        out["checks"] = run_checks(a)
+        from kernels.checks import run_checks
+
+        size = "realistic" if CUDA else "small"
+        print(f"# correctness ({size} shapes, {a.check_dtype} vs an fp32 reference, relative L2 error)")
+        out["checks"] = run_checks(a.device, a.check_dtype, size)
     table = Table()
     print("# timings")
     runners = dict(copy=bench_copy, matmul=bench_matmul, attention=bench_attention,

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from engine.model.ops import kernels_for, warn_once
+
 BACKENDS = ("sdpa", "triton", "te")
 
 
@@ -29,12 +31,8 @@ def check_backend(backend: str) -> None:
     if backend == "te" and not _te_available():
         raise RuntimeError("model.attention='te' needs NVIDIA Transformer Engine, which is not importable here; "
                            "use 'sdpa' or 'triton'")
-    if backend == "triton":
-        import kernels
-
-        if not kernels.TRITON_AVAILABLE:
-            raise RuntimeError("model.attention='triton' needs the triton package, which is not importable here; "
-                               "use 'sdpa'")
+    # 'triton' is decided per call (engine/model/ops.py `kernels_for`): without triton or a CUDA
+    # device it falls back to SDPA with one warning.
 
 
 def _doc_mask(doc_ids: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -61,12 +59,14 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               doc_ids: Optional[torch.Tensor] = None, dropout_p: float = 0.0, backend: str = "sdpa") -> torch.Tensor:
     """Returns [B, Hq, S, D]."""
-    if backend == "sdpa" or (backend == "triton" and dropout_p > 0):
-        return sdpa_attention(q, k, v, causal, doc_ids, dropout_p)
     if backend == "triton":
-        from kernels import flash_attention
-
-        return flash_attention(q, k, v, causal=causal, doc_ids=doc_ids)
+        if dropout_p > 0:
+            warn_once("model.attention=triton has no attention dropout; using SDPA while model.dropout > 0")
+        elif (kern := kernels_for(q, "model.attention=triton")) is not None:
+            return kern.flash_attention(q, k, v, causal=causal, doc_ids=doc_ids)
+        return sdpa_attention(q, k, v, causal, doc_ids, dropout_p)
+    if backend == "sdpa":
+        return sdpa_attention(q, k, v, causal, doc_ids, dropout_p)
     if backend == "te":
         raise NotImplementedError("model.attention='te' is planned with the FP8 work; use 'sdpa' or 'triton'")
     raise ValueError(f"unknown attention backend {backend!r}")

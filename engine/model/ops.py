@@ -6,28 +6,44 @@ The model calls only these functions, so `model.fused_ops: true` swaps in the Tr
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 
-def _kernels_for(x: torch.Tensor):
-    """The `kernels` package when its Triton path can run on x (CUDA, or the CPU interpreter), else None.
+_WARNED: set[str] = set()
 
+
+def warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def kernels_for(x: torch.Tensor, feature: str = "model.fused_ops"):
+    """The `kernels` package when its Triton path can run on x, else None: the caller then takes the
+    torch path, and the reason is warned once per feature.
+
+    Triton runs on CUDA tensors, and on CPU tensors only when the user asked for the interpreter
+    (TRITON_INTERPRET=1 set before start): an interpreted training step is minutes, not milliseconds.
     Imported lazily: importing `kernels` sets TRITON_INTERPRET=1 on CPU-only machines."""
     import kernels
 
     if not kernels.TRITON_AVAILABLE:
-        raise RuntimeError("model.fused_ops=true needs the triton package, which is not importable here")
-    if x.is_cuda or kernels.INTERPRET:
+        warn_once(f"{feature}: the triton package is not importable here; using the torch path")
+        return None
+    if x.is_cuda or (x.device.type == "cpu" and kernels.INTERPRET_REQUESTED):
         return kernels
+    warn_once(f"{feature}: Triton needs a CUDA device (got {x.device.type} tensors); using the torch path. "
+               "Set TRITON_INTERPRET=1 before start to run the Triton kernels in the CPU interpreter (slow).")
     return None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False) -> torch.Tensor:
     """x [..., D] * rsqrt(mean(x^2) + eps) * weight, computed in fp32 like Llama."""
-    if fused and (k := _kernels_for(x)) is not None:
+    if fused and (k := kernels_for(x)) is not None:
         return k.rms_norm(x, weight, eps)
     dtype = x.dtype
     xf = x.float()
@@ -37,7 +53,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = Fa
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
                fused: bool = False) -> torch.Tensor:
-    if fused and (k := _kernels_for(x)) is not None:
+    if fused and (k := kernels_for(x)) is not None:
         return k.layer_norm(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
@@ -60,7 +76,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, S, D], k [B, Hkv, S, D]; cos/sin [S, D] or [B, S, D] (already gathered by position)."""
-    if fused and (kern := _kernels_for(q)) is not None:
+    if fused and (kern := kernels_for(q)) is not None:
         return kern.apply_rope(q, k, cos, sin)
     if cos.dim() == 3:  # per-sample positions (document masking resets them)
         cos, sin = cos[:, None], sin[:, None]
@@ -71,14 +87,20 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    if fused and (k := _kernels_for(gate)) is not None:
+    if fused and (k := kernels_for(gate)) is not None:
         return k.swiglu(gate, up)
     return F.silu(gate) * up
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                  fused: bool = False) -> torch.Tensor:
-    """Per-token loss (no reduction) in fp32. logits [N, V], targets [N]."""
-    if fused and (k := _kernels_for(logits)) is not None:
-        return k.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+                  fused: bool = False, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Per-token loss (no reduction) in fp32. logits [N, V_padded], targets [N].
+
+    Columns >= vocab_size (default: all columns real) are vocabulary padding, outside the loss."""
+    if fused and (k := kernels_for(logits)) is not None:
+        # The kernel skips the padding itself and writes a zero gradient there: no slice-backward copy.
+        return k.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none",
+                               vocab_size=vocab_size)
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="none")

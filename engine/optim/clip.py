@@ -46,15 +46,22 @@ def counts_toward_norm(param: torch.Tensor, state: ParallelState) -> bool:
 
 
 def grad_norm_squared(pieces: Iterable[tuple[torch.Tensor, torch.Tensor]], state: ParallelState) -> torch.Tensor:
-    """Sum of squares (fp64 scalar) of the local gradient pieces [(grad, owning param)] that count here."""
-    total: Optional[torch.Tensor] = None
+    """Sum of squares (fp64 scalar) of the local gradient pieces [(grad, owning param)] that count here.
+
+    fp32 gradients (main-grad buffers, fp32 master weights) go through one `torch._foreach_norm` per
+    device, as torch.nn.utils.clip_grad_norm_ does; other dtypes are reduced one by one in fp32."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    total = torch.zeros((), dtype=torch.float64, device=state.device)
     for grad, param in pieces:
         if grad is None or not counts_toward_norm(param, state):
             continue
-        sq = torch.linalg.vector_norm(grad, 2, dtype=torch.float32).double() ** 2
-        total = sq if total is None else total + sq
-    if total is None:
-        total = torch.zeros((), dtype=torch.float64, device=state.device)
+        if grad.dtype == torch.float32:
+            by_device.setdefault(grad.device, []).append(grad)
+        else:
+            total = total + torch.linalg.vector_norm(grad, 2, dtype=torch.float32).double().to(total.device) ** 2
+    for grads in by_device.values():
+        norms = torch.stack(torch._foreach_norm(grads, 2)).double()
+        total = total + norms.pow(2).sum().to(total.device)
     return total
 
 

@@ -23,7 +23,7 @@ from engine.config import Config, ConfigError
 from engine.data import PretrainingSampler, Tokenizer, build_datasets, build_tokenizer
 from engine.model.transformer import Transformer, build_model
 from engine.optim import build_adamw, lr_at
-from engine.optim.clip import counts_toward_norm
+from engine.optim.clip import clip_grad_norm, counts_toward_norm
 from engine.parallel.data_parallel import wrap_data_parallel
 from engine.parallel.pipeline.executor import forward_backward_pipeline, forward_only_pipeline
 from engine.parallel.pipeline.stages import build_stage_chunks
@@ -209,8 +209,7 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
             if ddp is not None:  # norm over tp, pp and dp shards without double counting
                 grad_norm = optimizer.clip_grad_norm(cfg.optim.grad_clip)
             else:
-                max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, pstate)
             optimizer.step()
         loss = _sync_mean(losses, pstate.dp_group, device)
         if device.type == "cuda":

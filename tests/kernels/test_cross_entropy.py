@@ -94,3 +94,92 @@ def test_vocab_parallel_two_ranks():
         assert abs(loss - ref.item()) < 1e-5
     grad = torch.cat([g for _, g in out], dim=1)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
+
+
+def _padded_inputs(m, v_pad, vocab, dtype, seed=0):
+    # Padded columns hold large logits: any leak into the softmax, smoothing or z-loss shows at once.
+    logits, targets = _inputs(m, v_pad, dtype, seed=seed)
+    targets = torch.where(targets == -100, targets, targets % vocab)
+    with torch.no_grad():
+        logits[:, vocab:] = 30.0
+    return logits, targets
+
+
+@pytest.mark.parametrize("m,v_pad,vocab", [(7, 128, 100), (9, 2048, 1500)])  # 2048: several chunks per row
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}])
+def test_padded_vocab_equals_sliced_reference(m, v_pad, vocab, dtype, opts):
+    logits, targets = _padded_inputs(m, v_pad, vocab, dtype)
+    targets[0] = vocab - 1  # the last real column
+    loss = cross_entropy(logits, targets, vocab_size=vocab, **opts)
+    (grad,) = torch.autograd.grad(loss, logits)
+    x64 = logits.detach()[:, :vocab].double().requires_grad_()
+    ref = cross_entropy_ref(x64, targets, **opts)
+    (ref_grad,) = torch.autograd.grad(ref, x64)
+    tol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(grad[:, :vocab].double(), ref_grad,
+                               atol=tol / 10 + (1e-4 if dtype == torch.float16 else 0), rtol=tol)
+    assert torch.equal(grad[:, vocab:], torch.zeros_like(grad[:, vocab:]))  # exactly zero, not just small
+
+
+def test_padded_vocab_3d_none_reduction():
+    logits, targets = _padded_inputs(24, 64, 50, torch.float32)
+    logits3, targets3 = logits.view(2, 12, 64), targets.view(2, 12)
+    out = cross_entropy(logits3, targets3, reduction="none", vocab_size=50, z_loss=1e-3)
+    ref = cross_entropy_ref(logits3.detach()[..., :50].double(), targets3, reduction="none", z_loss=1e-3)
+    torch.testing.assert_close(out.double(), ref)
+    w = torch.randn(out.shape, dtype=torch.float64).to(DEV)
+    (g,) = torch.autograd.grad((out.double() * w).sum(), logits3)
+    x64 = logits3.detach()[..., :50].double().requires_grad_()
+    (rg,) = torch.autograd.grad((cross_entropy_ref(x64, targets3, reduction="none", z_loss=1e-3) * w).sum(), x64)
+    torch.testing.assert_close(g[..., :50].double(), rg, atol=1e-6, rtol=1e-5)
+    assert not g[..., 50:].any()
+
+
+def test_ops_cross_entropy_padded_fused_equals_torch():
+    from engine.model import ops
+
+    logits, targets = _padded_inputs(10, 64, 37, torch.float32)
+    fused = ops.cross_entropy(logits, targets, fused=True, vocab_size=37)
+    plain = ops.cross_entropy(logits, targets, fused=False, vocab_size=37)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    (gf,) = torch.autograd.grad(fused.sum(), logits)
+    (gp,) = torch.autograd.grad(plain.sum(), logits)
+    torch.testing.assert_close(gf, gp, atol=1e-6, rtol=1e-5)
+
+
+def test_block_v_and_empty_shard_stats():
+    from kernels.cross_entropy import _block_v
+
+    for v in (0, 1, 7, 100, 5000):
+        b = _block_v(v)
+        assert b >= 16 and b & (b - 1) == 0  # a power of two tl.arange accepts
+    # A shard of padding only (zero real columns) launches nothing and leaves the combined pieces unchanged.
+    logits, targets = _inputs(6, 40, torch.float32)
+    logits = logits.detach()
+    m, s, xt, sx = cross_entropy_stats(logits[:, 40:], targets, vocab_start=40)
+    assert torch.all(s == 0) and torch.all(xt == 0) and torch.all(sx == 0) and torch.all(m < -1e29)
+    full = cross_entropy_stats(logits, targets)
+    merged = combine_stats([full, (m, s, xt, sx)])
+    for a, b in zip(merged, full):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"vocab_size": 0}, r"vocab_size=0 must be in \(0, 16\]"),
+    ({"vocab_size": -3}, r"vocab_size=-3 must be in"),
+    ({"vocab_size": 17}, r"vocab_size=17 must be in \(0, 16\]"),
+    ({"vocab_start": 16}, r"vocab_start=16 needs process_group"),
+    ({"reduction": "avg"}, r"reduction must be"),
+])
+def test_argument_errors(kwargs, match):
+    logits, targets = _inputs(4, 16, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        cross_entropy(logits, targets, **kwargs)
+
+
+def test_shape_mismatch_error():
+    logits, targets = _inputs(4, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"logits \(4, 16\) must be targets \(3,\) \+ \(V,\)"):
+        cross_entropy(logits, targets[:3])

@@ -49,3 +49,17 @@ def test_triton_path_matches_torch_path():
     assert ref[-1] < ref[0]  # it learns something
     for a, b in zip(tri, ref):
         assert abs(a - b) <= 1e-4 * abs(b), (tri, ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without CUDA")
+def test_cpu_without_interpreter_falls_back_to_torch(monkeypatch):
+    # Without TRITON_INTERPRET asked for, CPU tensors take the torch path (one warning per feature)
+    # and give the torch path's numbers exactly.
+    from engine.model import ops
+
+    monkeypatch.setattr(kernels, "INTERPRET_REQUESTED", False)
+    monkeypatch.setattr(ops, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="Triton needs a CUDA device") as rec:
+        tri = _train({}, triton_path=True, steps=2)
+    assert {str(w.message).split(":")[0] for w in rec} == {"model.attention=triton", "model.fused_ops"}
+    assert tri == _train({}, triton_path=False, steps=2)
