@@ -159,6 +159,10 @@ class _CrossEntropy(torch.autograd.Function):
         loss = lse - (1.0 - smooth) * xt - (smooth / vocab_size) * sx + z_loss * lse * lse
         valid = targets != ignore_index
         loss = torch.where(valid, loss, torch.zeros_like(loss))
+        # A target outside [0, vocab_size) (tokenizer/vocab mismatch) has no logit: make its loss NaN so
+        # the step is visibly bad (torch raises there; raising here would cost a device sync).
+        out_of_range = valid & ((targets < 0) | (targets >= vocab_size))
+        loss = torch.where(out_of_range, torch.full_like(loss, float("nan")), loss)
         n_valid = valid.sum()
         if reduction == "mean":
             out = loss.sum() / n_valid.clamp_min(1)
@@ -239,7 +243,7 @@ def cross_entropy(
     vocab shard starting at vocab_start (all ranks' shards equal-sized).
     vocab_size: the real (unpadded) global vocabulary, default V_local * world size;
     columns with global id >= vocab_size are padding: outside the loss, zero gradient.
-    Targets must lie in [0, vocab_size) or equal ignore_index (not checked: no sync).
+    Targets must lie in [0, vocab_size) or equal ignore_index; others get a NaN loss (checking would cost a sync).
     """
     vocab_size = _resolve_vocab_size(logits, targets, reduction, process_group, vocab_start, vocab_size)
     shape = targets.shape

@@ -22,6 +22,7 @@ only the diagonal block pays for the mask.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -48,20 +49,26 @@ def _configs(pairs: list[tuple[int, int, int, int]], names: tuple[str, str]) -> 
     ]
 
 
+# Deeper pipelines (4-5 stages) are in the lists for Hopper, where the loads of the next
+# tiles need more stages in flight; configs that do not fit in shared memory are skipped by the
+# autotuner (OutOfResources), so the lists are safe on smaller GPUs.
 _FWD_CONFIGS = _configs(
-    [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2)],
+    [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2)],
     ("BLOCK_M", "BLOCK_N"),
 )
 # dK/dV: a kv tile of BLOCK_N1 keys, looping over query tiles of BLOCK_M1.
 _DKDV_CONFIGS = _configs(
-    [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)],
+    [(32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)],
     ("BLOCK_M1", "BLOCK_N1"),
 )
 # dQ: a query tile of BLOCK_M2 rows, looping over key tiles of BLOCK_N2.
 _DQ_CONFIGS = _configs(
-    [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    [(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
     ("BLOCK_M2", "BLOCK_N2"),
 )
+_TUNE_KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_DOCS"]  # tensor dtypes are added by triton
+# Keep the tuning results on disk (triton >= 3.2), so a restarted job does not tune again.
+_TUNE_OPTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 if interpreting():
     # dK/dV needs BLOCK_N1 % BLOCK_M1 == 0 (its diagonal loop steps by BLOCK_M1).
     _DKDV_CONFIGS = [triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 64}, num_warps=4, num_stages=1)]
@@ -130,7 +137,7 @@ def _fwd_inner(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "HEAD_DIM", "CAUSAL", "HAS_DOCS"])
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, **_TUNE_OPTS)
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, DOC, DOC_START, DOC_END,
@@ -138,7 +145,7 @@ def _attn_fwd(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    H, N, GROUP, qk_scale,
+    H, N, N_BUCKET, GROUP, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, INPUT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -262,7 +269,7 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["N", "HEAD_DIM", "CAUSAL", "HAS_DOCS"])
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, **_TUNE_OPTS)
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, DOC, DOC_START, DOC_END,
@@ -271,7 +278,7 @@ def _attn_bwd_dkdv(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
-    H, HKV, N, GROUP, qk_scale, sm_scale,
+    H, HKV, N, N_BUCKET, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, INPUT_PREC: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
@@ -365,7 +372,7 @@ def _dq_inner(
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["N", "HEAD_DIM", "CAUSAL", "HAS_DOCS"])
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, **_TUNE_OPTS)
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, DOC, DOC_START, DOC_END,
@@ -374,7 +381,7 @@ def _attn_bwd_dq(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    H, N, GROUP, qk_scale, sm_scale,
+    H, N, N_BUCKET, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, INPUT_PREC: tl.constexpr,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
@@ -460,6 +467,12 @@ def _doc_runs(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return as32(run), as32(start), as32(end)
 
 
+def _bucket(n: int) -> int:
+    """Autotuning key for the sequence length: its power-of-two bucket, so a run with many
+    lengths (generation, evaluation, varlen) tunes once per bucket instead of once per length."""
+    return triton.next_power_of_2(n)
+
+
 def _prec(dtype: torch.dtype) -> str:
     # fp32 inputs: exact fp32 dots (tests, fp32 training); 16-bit inputs use the tensor cores.
     # bf16 under the CPU interpreter: emulated (see _dot).
@@ -493,7 +506,7 @@ class _FlashAttention(torch.autograd.Function):
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
-            h, n, h // hkv, qk_scale,
+            h, n, _bucket(n), h // hkv, qk_scale,
             HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_DOCS=doc_ids is not None,
             INPUT_PREC=_prec(q.dtype),
         )
@@ -527,7 +540,7 @@ class _FlashAttention(torch.autograd.Function):
             v.stride(0), v.stride(1), v.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
-            h, hkv, n, h // hkv, qk_scale, ctx.sm_scale, **common)
+            h, hkv, n, _bucket(n), h // hkv, qk_scale, ctx.sm_scale, **common)
         grid_q = lambda meta: (triton.cdiv(n, meta["BLOCK_M2"]), b * h)  # noqa: E731
         _attn_bwd_dq[grid_q](
             q, k, v, do, lse, delta, dq, run, start, end,
@@ -536,7 +549,7 @@ class _FlashAttention(torch.autograd.Function):
             v.stride(0), v.stride(1), v.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            h, n, h // hkv, qk_scale, ctx.sm_scale, **common)
+            h, n, _bucket(n), h // hkv, qk_scale, ctx.sm_scale, **common)
         return dq, dk, dv, None, None, None
 
 

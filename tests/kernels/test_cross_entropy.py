@@ -183,3 +183,15 @@ def test_shape_mismatch_error():
     logits, targets = _inputs(4, 16, torch.float32)
     with pytest.raises(ValueError, match=r"logits \(4, 16\) must be targets \(3,\) \+ \(V,\)"):
         cross_entropy(logits, targets[:3])
+
+
+def test_out_of_range_target_gives_nan_not_a_quiet_number():
+    from kernels.cross_entropy import cross_entropy
+
+    x = torch.randn(4, 40).to(DEV).requires_grad_()
+    y = torch.tensor([1, 39, 40, -100]).to(DEV)  # 40 is outside vocab_size=40
+    per_row = cross_entropy(x, y, reduction="none")
+    assert torch.isfinite(per_row[:2]).all() and torch.isnan(per_row[2]) and per_row[3] == 0
+    assert torch.isnan(cross_entropy(x, y))
+    # padded logits: a target in the padding is out of range too
+    assert torch.isnan(cross_entropy(x, torch.tensor([35, 1, 2, 3]).to(DEV), vocab_size=30, reduction="none")[0])
