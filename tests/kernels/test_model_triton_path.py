@@ -15,7 +15,7 @@ from engine.model import build_model  # noqa: E402
 from engine.model.loss import lm_loss  # noqa: E402
 
 
-def _train(preset_overrides, triton_path: bool, steps: int = 20):
+def _train(preset_overrides, triton_path: bool, steps: int = 20, dtype=None):
     model_cfg = {"preset": "llama", "vocab_size": 50, "d_model": 32, "n_layers": 1, "n_heads": 4,
                  "n_kv_heads": 2, "ffn_hidden": 48, "max_seq_len": 24, **preset_overrides}
     if triton_path:
@@ -33,8 +33,9 @@ def _train(preset_overrides, triton_path: bool, steps: int = 20):
         # packed documents with boundaries at odd places, positions reset per document
         doc = torch.tensor([[0] * 7 + [1] * 12, [0] * 18 + [1]]).to(dev)
         pos = torch.cat([torch.arange(7), torch.arange(12), torch.arange(18), torch.arange(1)]).view(2, 19).to(dev)
-        logits = model(x, position_ids=pos, doc_ids=doc)
-        loss = lm_loss(logits, y, cfg.vocab_size, fused=cfg.fused_ops)
+        with torch.autocast(torch.device(dev).type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x, position_ids=pos, doc_ids=doc)
+            loss = lm_loss(logits, y, cfg.vocab_size, fused=cfg.fused_ops)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -63,3 +64,17 @@ def test_cpu_without_interpreter_falls_back_to_torch(monkeypatch):
         tri = _train({}, triton_path=True, steps=2)
     assert {str(w.message).split(":")[0] for w in rec} == {"model.attention=triton", "model.fused_ops"}
     assert tri == _train({}, triton_path=False, steps=2)
+
+
+def test_triton_path_matches_torch_path_in_bf16(monkeypatch):
+    # bf16 autocast: the kernels get bf16 q/k/v (on CPU the interpreter emulates the bf16 dots).
+    # Both paths round differently, so the bound is bf16-sized (2e-3 relative); measured: at most
+    # 3.4e-4, about the torch path's own bf16-vs-fp32 difference on this run (3.7e-4).
+    seen = []
+    real = kernels.flash_attention
+    monkeypatch.setattr(kernels, "flash_attention", lambda q, *a, **kw: seen.append(q.dtype) or real(q, *a, **kw))
+    ref = _train({}, triton_path=False, steps=10, dtype=torch.bfloat16)
+    tri = _train({}, triton_path=True, steps=10, dtype=torch.bfloat16)
+    assert seen and set(seen) == {torch.bfloat16}
+    for a, b in zip(tri, ref):
+        assert abs(a - b) <= 2e-3 * abs(b), (tri, ref)
