@@ -49,21 +49,27 @@ def _configs(pairs: list[tuple[int, int, int, int]], names: tuple[str, str]) -> 
     ]
 
 
-# Deeper pipelines (4-5 stages) are in the lists for Hopper, where the loads of the next
-# tiles need more stages in flight; configs that do not fit in shared memory are skipped by the
-# autotuner (OutOfResources), so the lists are safe on smaller GPUs.
+# Candidates per kernel. Register counts from ptxas for sm_90a (`python -m kernels.aot
+# --all-configs --head-dim D`, triton 3.9) shaped the lists: at D=128 every earlier dK/dV
+# config spilled (280-2612 bytes per thread: the fp32 dK and dV accumulators plus the k and v
+# tiles live in registers), so (16, 128, 8 warps) (no spill) and (32, 64, 8 warps) (4 bytes)
+# were added; at D=256 the 8-warp 128x32 / 64x32 tiles are the ones that do not spill.
+# Deeper pipelines (4-5 stages) are for Hopper; configs that do not fit in shared memory are
+# skipped by the autotuner (OutOfResources), so the lists are safe on smaller GPUs.
 _FWD_CONFIGS = _configs(
-    [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2)],
+    [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2),
+     (128, 32, 8, 3)],
     ("BLOCK_M", "BLOCK_N"),
 )
-# dK/dV: a kv tile of BLOCK_N1 keys, looping over query tiles of BLOCK_M1.
+# dK/dV: a kv tile of BLOCK_N1 keys, looping over query tiles of BLOCK_M1 (BLOCK_N1 % BLOCK_M1 == 0).
 _DKDV_CONFIGS = _configs(
-    [(32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)],
+    [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 128, 8, 3), (32, 64, 8, 3)],
     ("BLOCK_M1", "BLOCK_N1"),
 )
 # dQ: a query tile of BLOCK_M2 rows, looping over key tiles of BLOCK_N2.
 _DQ_CONFIGS = _configs(
-    [(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    [(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 32, 8, 3),
+     (64, 32, 8, 3)],
     ("BLOCK_M2", "BLOCK_N2"),
 )
 _TUNE_KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_DOCS"]  # tensor dtypes are added by triton

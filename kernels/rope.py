@@ -92,6 +92,15 @@ def _positions(position_ids: torch.Tensor | None, b: int, n: int) -> torch.Tenso
     return pos if pos.stride(-1) == 1 else pos.contiguous()
 
 
+def _tile(head_dim: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_HALF, num_warps): a 2K-element tile of (token, head) rows over 8 warps, 8
+    elements per thread. The earlier 64x64 tile on 4 warps took 255 registers per thread on
+    sm_90a (8 warps per SM); this one takes 64 for head dims 64-256 (32 warps per SM), per
+    `python -m kernels.aot`."""
+    block_half = triton.next_power_of_2(head_dim // 2)
+    return max(1, min(64, 2048 // block_half)), block_half, 8
+
+
 def _launch(q, k, cos_h, sin_h, pos, sign: float):
     # cos_h/sin_h: (S, D/2) shared tables, or (B, S, D/2) per-batch tables (row b*S + position).
     b, hq, n, d = q.shape
@@ -105,8 +114,7 @@ def _launch(q, k, cos_h, sin_h, pos, sign: float):
     if cos2.stride(0) != sin2.stride(0):
         sin2 = sin2.contiguous()
         cos2 = cos2.contiguous()
-    block_half = triton.next_power_of_2(d // 2)
-    rows = max(1, min(64, 4096 // block_half))  # (token, head) rows per program
+    rows, block_half, num_warps = _tile(d)
     total_q, total_k = b * n * hq, b * n * hk
     q_tiles = triton.cdiv(total_q, rows)
     _rope_kernel[(q_tiles + triton.cdiv(total_k, rows),)](
@@ -114,7 +122,7 @@ def _launch(q, k, cos_h, sin_h, pos, sign: float):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
         cos2.stride(0), stride_pos, batch_rows, n, hq, hk, d // 2, total_q, total_k, q_tiles,
-        SIGN=sign, HAS_POS=pos is not None, ROWS=rows, BLOCK_HALF=block_half, num_warps=4)
+        SIGN=sign, HAS_POS=pos is not None, ROWS=rows, BLOCK_HALF=block_half, num_warps=num_warps)
     return qo, ko
 
 
