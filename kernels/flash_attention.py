@@ -105,6 +105,19 @@ def _dot_acc(a, b, acc, INPUT_PREC: tl.constexpr):
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
+def _query_program(N, H, GROUP, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    """This program's query tile, (batch*head) index, batch, head and kv head (GQA: shared by
+    GROUP query heads), for the kernels launched on a (query tiles, B*H) grid. Causal: the last
+    query tiles have the most work, so they are launched first."""
+    start_m = tl.program_id(0)
+    if CAUSAL:
+        start_m = tl.cdiv(N, BLOCK) - 1 - start_m
+    off_bh = tl.program_id(1)
+    off_h = off_bh % H
+    return start_m, off_bh, off_bh // H, off_h, off_h // GROUP
+
+
+@triton.jit
 def _fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
     offs_m, offs_n, offs_d, doc_q, doc_base, start, end, N, qk_scale,
@@ -156,15 +169,7 @@ def _attn_fwd(
     CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, INPUT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Causal: the last query blocks have the most work; launch them first.
-    num_m = tl.cdiv(N, BLOCK_M)
-    start_m = tl.program_id(0)
-    if CAUSAL:
-        start_m = num_m - 1 - start_m
-    off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_kh = off_h // GROUP  # GQA: shared kv head
+    start_m, off_bh, off_b, off_h, off_kh = _query_program(N, H, GROUP, BLOCK_M, CAUSAL)
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kh.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_kh.to(tl.int64) * stride_vh
@@ -392,14 +397,7 @@ def _attn_bwd_dq(
     CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, INPUT_PREC: tl.constexpr,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
 ):
-    num_m = tl.cdiv(N, BLOCK_M2)
-    start_m = tl.program_id(0)
-    if CAUSAL:
-        start_m = num_m - 1 - start_m
-    off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_kh = off_h // GROUP
+    start_m, off_bh, off_b, off_h, off_kh = _query_program(N, H, GROUP, BLOCK_M2, CAUSAL)
     m0 = start_m * BLOCK_M2
     offs_m = m0 + tl.arange(0, BLOCK_M2)
     offs_n = tl.arange(0, BLOCK_N2)

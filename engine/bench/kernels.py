@@ -104,23 +104,27 @@ def _graphed(run: Callable[[], None]) -> Callable[[], None]:
 
 
 def _host_us(run: Callable[[], object], n: int = 20) -> float:
-    """Host microseconds per call when the GPU is not waited for (launch + Python overhead)."""
+    """Host microseconds per call when the GPU is not waited for (launch + Python overhead);
+    nan without CUDA or when run() fails (its timing row then reports the failure)."""
     if not CUDA:
         return float("nan")
-    run()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
+    try:
         run()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001
+        return float("nan")
     return (t1 - t0) / n * 1e6
 
 
 def _time_passes(t: "Table", kernel: str, name: str, shape: str, fn: Callable, inputs: list[torch.Tensor],
                  unit: str, fwd_amount: float, bwd_amount: float) -> None:
     """Rows for fwd, bwd (alone), fwd+bwd and, on CUDA, fwd+bwd replayed from a CUDA graph."""
-    f_ms = _safe(t, kernel, name, shape, "fwd", fn, unit, fwd_amount, host_us=_host_us_safe(fn))
+    f_ms = _safe(t, kernel, name, shape, "fwd", fn, unit, fwd_amount, host_us=_host_us(fn))
     if f_ms is None:
         return
     for pass_, make, amount in (("bwd", _bwd_only, bwd_amount), ("fwd+bwd", _fwd_bwd, fwd_amount + bwd_amount)):
@@ -129,7 +133,7 @@ def _time_passes(t: "Table", kernel: str, name: str, shape: str, fn: Callable, i
         except Exception as e:  # noqa: BLE001 - report and go on with the other passes
             print(f"  {kernel} {name} {pass_}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
-        _safe(t, kernel, name, shape, pass_, run, unit, amount, host_us=_host_us_safe(run))
+        _safe(t, kernel, name, shape, pass_, run, unit, amount, host_us=_host_us(run))
         if pass_ == "fwd+bwd" and CUDA:
             try:
                 replay = _graphed(run)
@@ -137,13 +141,6 @@ def _time_passes(t: "Table", kernel: str, name: str, shape: str, fn: Callable, i
                 print(f"  {kernel} {name} fwd+bwd graph: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             _safe(t, kernel, name, shape, "fwd+bwd graph", replay, unit, amount)
-
-
-def _host_us_safe(run: Callable[[], object]) -> float:
-    try:
-        return _host_us(run)
-    except Exception:  # noqa: BLE001 - the timing row reports the failure itself
-        return float("nan")
 
 
 def _maybe_compile(fn, enabled: bool):

@@ -152,17 +152,18 @@ class _ReduceFromTP(torch.autograd.Function):
         return g, None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    """Keep this rank's slice of the last dim forward; all-gather it backward."""
+class _ScatterAlong(torch.autograd.Function):
+    """Keep this rank's slice of `dim` forward (the last dim for tp, SEQ_DIM for sequence
+    parallelism); all-gather it backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, state: ParallelState) -> torch.Tensor:
-        ctx.group, ctx.tp = state.tp_group, state.tp
-        return _split(x, -1, state.tp_rank, state.tp)
+    def forward(ctx, x: torch.Tensor, state: ParallelState, dim: int) -> torch.Tensor:
+        ctx.group, ctx.tp, ctx.dim = state.tp_group, state.tp, dim
+        return _split(x, dim, state.tp_rank, state.tp)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        return _all_gather(g, -1, ctx.group, ctx.tp), None
+        return _all_gather(g, ctx.dim, ctx.group, ctx.tp), None, None
 
 
 class _GatherFromTP(torch.autograd.Function):
@@ -176,19 +177,6 @@ class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         return _split(g, -1, ctx.tp_rank, ctx.tp), None
-
-
-class _ScatterToSP(torch.autograd.Function):
-    """Keep this rank's sequence shard forward; all-gather the sequence backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, state: ParallelState) -> torch.Tensor:
-        ctx.group, ctx.tp = state.tp_group, state.tp
-        return _split(x, SEQ_DIM, state.tp_rank, state.tp)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        return _all_gather(g, SEQ_DIM, ctx.group, ctx.tp), None
 
 
 class _GatherFromSP(torch.autograd.Function):
@@ -230,7 +218,7 @@ def reduce_from_tp_region(x: torch.Tensor, state: ParallelState) -> torch.Tensor
 
 
 def scatter_to_tp_region(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
-    return x if state.tp == 1 else _ScatterToTP.apply(x, state)
+    return x if state.tp == 1 else _ScatterAlong.apply(x, state, -1)
 
 
 def gather_from_tp_region(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
@@ -239,7 +227,7 @@ def gather_from_tp_region(x: torch.Tensor, state: ParallelState) -> torch.Tensor
 
 def scatter_to_sequence_parallel_region(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
     """[B, S, D] -> [B, S/tp, D] (this rank's contiguous sequence shard)."""
-    return x if state.tp == 1 else _ScatterToSP.apply(x, state)
+    return x if state.tp == 1 else _ScatterAlong.apply(x, state, SEQ_DIM)
 
 
 def gather_from_sequence_parallel_region(x: torch.Tensor, state: ParallelState,
