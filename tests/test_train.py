@@ -107,3 +107,37 @@ def test_cli_version_and_config_show(capsys):
     assert main(["config", "show", str(REPO / "examples" / "tiny.yaml"), "train.iters=3"]) == 0
     out = capsys.readouterr().out
     assert "iters: 3" in out and "preset: tiny" in out
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_destroys_the_process_group_it_created(make_tiny_config, monkeypatch, fails):
+    # A gloo group left alive until interpreter exit can SIGABRT the process at teardown (seen in CI on the
+    # two-agent torchrun test), so train() must destroy the group it created, also when training raises.
+    import engine.train.loop as loop
+    from engine.parallel.state import ParallelState
+
+    destroyed = []
+
+    class _State(ParallelState):
+        def destroy(self) -> None:
+            destroyed.append(True)
+
+    def _fake_train(cfg, pstate):
+        if fails:
+            raise RuntimeError("boom")
+        return "ran"
+
+    monkeypatch.setattr(loop.ParallelState, "initialize", classmethod(lambda cls, **kw: _State()))
+    monkeypatch.setattr(loop, "_train", _fake_train)
+    cfg = make_tiny_config()
+    if fails:
+        with pytest.raises(RuntimeError, match="boom"):
+            train(cfg)
+    else:
+        assert train(cfg) == "ran"
+    assert destroyed == [True]
+    # A state the caller passes in (with its own group) is left alone.
+    destroyed.clear()
+    if not fails:
+        assert train(cfg, _State()) == "ran"
+        assert destroyed == []

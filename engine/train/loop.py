@@ -120,12 +120,28 @@ def evaluate(chunks: list[Transformer], valid_sets: dict, cfg: Config, pstate: P
 
 
 def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
-    """Run the training described by `cfg` (already validated). Returns what happened, for tests and benches."""
+    """Run the training described by `cfg` (already validated). Returns what happened, for tests and benches.
+
+    Without `pstate`, a process group this call creates is destroyed on the way out, also on errors: a gloo
+    group left alive until interpreter exit can abort the process (SIGABRT, "terminate called without an active
+    exception") while its worker threads are torn down, which turns a finished run into a failed torchrun job.
+    """
+    if pstate is not None:
+        return _train(cfg, pstate)
+    p = cfg.parallel
+    owns_group = not dist.is_initialized()  # a caller's own group stays the caller's to destroy
+    pstate = ParallelState.initialize(tp=p.tp, pp=p.pp, dp=None if p.dp == "auto" else p.dp, vpp=p.vpp,
+                                      sequence_parallel=p.sequence_parallel, device=cfg.train.device,
+                                      timeout_minutes=p.timeout_minutes)
+    try:
+        return _train(cfg, pstate)
+    finally:
+        if owns_group:
+            pstate.destroy()
+
+
+def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
     p, t = cfg.parallel, cfg.train
-    if pstate is None:
-        pstate = ParallelState.initialize(tp=p.tp, pp=p.pp, dp=None if p.dp == "auto" else p.dp, vpp=p.vpp,
-                                          sequence_parallel=p.sequence_parallel, device=t.device,
-                                          timeout_minutes=p.timeout_minutes)
     device = pstate.device
     seed_parallel_rng(t.seed, pstate)  # default stream per pp stage + a per-tp-rank stream for dropout
 
