@@ -1,7 +1,8 @@
 """Build the optional C++ data-index helpers (csrc/, pybind11) at install time.
 
 The extension is optional: where no compiler (or pybind11) is available the install still
-succeeds with one clear warning, and engine.data falls back to its numpy reference.
+succeeds with one clear warning, and engine.data falls back to its numpy reference. CI sets
+TESSERA_REQUIRE_EXT=1, under which the test suite fails when the extension did not build.
 """
 
 import glob

@@ -116,9 +116,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from engine.config import ConfigError
     from engine.generate import generate_text, load_run
     from engine.parallel.state import pick_device
 
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k: expected a number >= 0 (0 = all tokens), found {args.top_k}")
     device = pick_device(args.device, 0)
     _, model, tok = load_run(args.run_dir, device)
     print(generate_text(model, tok, args.prompt, args.max_tokens, args.temperature, args.top_k or None,

@@ -37,28 +37,50 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Config, Transfor
 def generate_ids(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float = 0.8,
                  top_k: Optional[int] = 40, seed: Optional[int] = None, device: str | torch.device = "cpu",
                  stop_id: Optional[int] = None) -> list[int]:
+    """The prompt `ids` followed by up to max_new_tokens sampled tokens.
+
+    temperature <= 0 is greedy (argmax); top_k samples from the k most likely tokens only (None or 0: all);
+    sampling a stop_id ends generation without appending it. The model sees at most its last
+    cfg.max_seq_len tokens, and only the real vocabulary (padded logit columns are never sampled).
+    """
+    if not ids:
+        raise ValueError("generate: expected at least one prompt token, found none")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"generate: top_k must be >= 0 (0 = all tokens), found {top_k}")
     gen = torch.Generator(device="cpu")
     if seed is not None:
         gen.manual_seed(seed)
+    else:  # a new Generator always starts from the same default seed: without this every run samples alike
+        gen.seed()
     was_training = model.training
     model.eval()
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
-        ctx = x[:, -model.cfg.max_seq_len:]
-        logits = model(ctx)[0, -1, :model.vocab_size].float().cpu()  # padded vocab never sampled
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-        if stop_id is not None and nxt == stop_id:
-            break
-        x = torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
-    model.train(was_training)
+    try:
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        for _ in range(max_new_tokens):
+            ctx = x[:, -model.cfg.max_seq_len:]
+            logits = model(ctx)[0, -1, :model.vocab_size].float().cpu()  # padded vocab never sampled
+            nxt = sample_next(logits, temperature, top_k, gen)
+            if stop_id is not None and nxt == stop_id:
+                break
+            x = torch.cat([x, torch.tensor([[nxt]], dtype=torch.long, device=device)], dim=1)
+    finally:
+        model.train(was_training)
     return x[0].tolist()
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], gen: torch.Generator) -> int:
+    """One token id from logits [V] (see generate_ids for the meaning of temperature and top_k)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    if top_k and top_k < logits.numel():
+        # exactly k candidates by index: masking `logits < kth value` would keep every token tied with the
+        # k-th and so sample from more than k
+        keep = torch.topk(logits, top_k).indices
+        logits = torch.full_like(logits, float("-inf")).index_copy(0, keep, logits[keep])
+    # subtract the max before dividing: a tiny temperature then sends the others to -inf (probability 0)
+    # instead of overflowing to inf and NaN, so temperature -> 0 tends to greedy
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,

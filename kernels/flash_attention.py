@@ -594,18 +594,27 @@ def attention_ref(
     softmax_scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain torch reference (materialises the N x N scores; fp32 math)."""
+    """Plain torch reference (materialises the N x N scores).
+
+    Computes in the input dtype promoted to at least fp32: fp16/bf16 inputs use fp32 math, fp64
+    inputs fp64 math (the tests' fp64 references). The document mask is built here from the rule
+    itself, not from the kernel's ``_doc_runs``, so a bug there cannot hide in the reference.
+    """
     b, h, n, d = q.shape
     group = h // k.shape[1]
-    kk = k.repeat_interleave(group, dim=1).float()
-    vv = v.repeat_interleave(group, dim=1).float()
+    ct = torch.promote_types(q.dtype, torch.float32)
+    kk = k.repeat_interleave(group, dim=1).to(ct)
+    vv = v.repeat_interleave(group, dim=1).to(ct)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    s = torch.matmul(q.float(), kk.transpose(-1, -2)) * scale  # (B, H, N, N)
+    s = torch.matmul(q.to(ct), kk.transpose(-1, -2)) * scale  # (B, H, N, N)
     allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).expand(b, 1, n, n)
     if causal:
         allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     if doc_ids is not None:
-        run = _doc_runs(doc_ids)[0]
-        allowed = allowed & (run[:, None, :, None] == run[:, None, None, :])
+        # i and j share a document iff no id change lies between them: equal counts of changes
+        # up to i and up to j. A reused id after a different one is therefore a new document.
+        changes = torch.zeros(doc_ids.shape, dtype=torch.int64, device=doc_ids.device)
+        changes[:, 1:] = torch.cumsum((doc_ids[:, 1:] != doc_ids[:, :-1]).to(torch.int64), dim=1)
+        allowed = allowed & (changes[:, None, :, None] == changes[:, None, None, :])
     s = s.masked_fill(~allowed, float("-inf"))
     return torch.matmul(torch.softmax(s, dim=-1), vv).to(q.dtype)

@@ -182,15 +182,25 @@ def layer_norm(
     return _Norm.apply(x, weight, bias, eps, False)
 
 
+def _ref_dtype(*ts: torch.Tensor) -> torch.dtype:
+    # References compute in at least fp32: 16-bit inputs in fp32, fp64 inputs in fp64.
+    dt = torch.float32
+    for t in ts:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    ct = _ref_dtype(x, weight)
+    xf = x.to(ct)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(ct)
     return y.to(x.dtype)
 
 
 def layer_norm_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5
 ) -> torch.Tensor:
-    b = bias.float() if bias is not None else None
-    return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight.float(), b, eps).to(x.dtype)
+    ct = _ref_dtype(x, weight)
+    b = bias.to(ct) if bias is not None else None
+    return torch.nn.functional.layer_norm(x.to(ct), x.shape[-1:], weight.to(ct), b, eps).to(x.dtype)
 

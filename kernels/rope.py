@@ -203,5 +203,7 @@ def apply_rope_ref(
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([-x2, x1], dim=-1)
 
-    qf, kf = q.float(), k.float()
+    # At least fp32 math: fp64 inputs (and tables) stay fp64.
+    ct = torch.promote_types(torch.promote_types(q.dtype, torch.float32), cos.dtype)
+    qf, kf, c, s = q.to(ct), k.to(ct), c.to(ct), s.to(ct)
     return (qf * c + rot(qf) * s).to(q.dtype), (kf * c + rot(kf) * s).to(k.dtype)

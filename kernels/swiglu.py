@@ -69,4 +69,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+    # At least fp32 math: 16-bit inputs in fp32, fp64 inputs in fp64.
+    ct = torch.promote_types(torch.promote_types(gate.dtype, up.dtype), torch.float32)
+    return (torch.nn.functional.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)

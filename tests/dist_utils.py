@@ -25,7 +25,6 @@ import datetime
 import os
 import pickle
 import queue as queue_mod
-import socket
 import time
 import traceback
 from typing import Any, Callable
@@ -50,11 +49,15 @@ class DistributedTestError(RuntimeError):
     """A rank failed in a way that cannot be re-raised as its own exception (died, hung, unpicklable error)."""
 
 
-def _free_port() -> int:
-    # Bind to port 0 and let the OS choose; there is a tiny race until rank 0 binds it, acceptable in tests.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous_store(timeout: float) -> Any:
+    """The job's TCPStore, served by the parent on a port the OS picks (port 0) and held for the whole job.
+
+    Picking a free port, releasing it and letting rank 0 bind it later is a race (another process can take
+    the port in between); a store the parent already listens on cannot lose its port."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout))
 
 
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, timeout: float,
@@ -66,7 +69,8 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args:
 
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
         out = fn(rank, world_size, *args)
         payload = ("ok", pickle.dumps(out))
@@ -95,7 +99,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         raise ValueError(f"world_size must be >= 1, found {world_size}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    store = _rendezvous_store(timeout)  # kept alive (and its port bound) until every rank is done
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, timeout, threads, results),
                          name=f"dist-rank{r}", daemon=True) for r in range(world_size)]
     for p in procs:
@@ -130,6 +135,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 p.terminate()
                 p.join(timeout=5.0)
         results.close()
+        del store
 
     if first_error is not None:
         rank, (blob, summary, tb) = first_error

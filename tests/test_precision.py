@@ -35,25 +35,5 @@ def test_unscale_detects_inf():
     assert unscale_and_check([torch.tensor([1.0, float("inf")])], 2.0)
     assert unscale_and_check([torch.tensor([float("nan")])], 1.0)
 
-
-def test_fp16_training_skips_overflowing_step(make_tiny_config, monkeypatch):
-    """An inf gradient makes the loop skip the update, count it and back the scale off."""
-    from engine.train import loop
-
-    cfg = make_tiny_config(precision={"dtype": "fp16", "initial_loss_scale": 2.0 ** 16, "hysteresis": 1},
-                           train={"iters": 3})
-    calls = {"n": 0}
-    real = loop.unscale_and_check
-
-    def poisoned(grads, scale):
-        calls["n"] += 1
-        grads = list(grads)
-        if calls["n"] == 2:
-            grads[0].view(-1)[0] = float("inf")
-        return real(grads, scale)
-
-    monkeypatch.setattr(loop, "unscale_and_check", poisoned)
-    result = loop.train(cfg)
-    assert result.skipped_steps == 1
-    lines = (result.out_dir / "metrics.jsonl").read_text().splitlines()
-    assert lines
+# The loop's skip / backoff / every-rank behaviour is tested through the real loop in
+# tests/parallel/test_train_zero3_fp16.py (one process and 2 ranks, ZeRO 0/1/3).

@@ -1,10 +1,12 @@
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.train.loop import train
 
@@ -25,12 +27,26 @@ def test_loss_falls_and_eval_runs(make_tiny_config):
     r = train(cfg)
     assert sum(r.losses[-5:]) / 5 < r.losses[0] - 1.0
     assert sorted(r.val_losses) == [15, 30]
-    assert r.val_losses[30]["pydoc"] < r.val_losses[15]["pydoc"] + 0.5
+    # Deterministic run (fixed seed and data): measured 4.48 -> 4.24; a model that stops learning after
+    # step 15 (or an evaluation on other batches each time) does not fall by 0.1.
+    assert r.val_losses[30]["pydoc"] < r.val_losses[15]["pydoc"] - 0.1
 
 
-def test_bf16_autocast_runs(make_tiny_config):
-    r = train(make_tiny_config(precision={"dtype": "bf16"}, train={"iters": 2}))
-    assert all(l == l for l in r.losses)  # finite
+def test_bf16_autocast_runs(make_tiny_config, monkeypatch):
+    import engine.train.step as step
+
+    seen = []  # (logits dtype, autocast on?) of every micro-batch loss
+    real = step.lm_loss
+
+    def spy(logits, *args, **kwargs):
+        seen.append((logits.dtype, torch.is_autocast_enabled("cpu")))
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(step, "lm_loss", spy)
+    r = train(make_tiny_config(precision={"dtype": "bf16"}, train={"iters": 3}))
+    assert seen and all(dtype == torch.bfloat16 and on for dtype, on in seen), seen[:3]
+    assert all(math.isfinite(l) for l in r.losses), r.losses  # nan and inf alike
+    assert r.losses[-1] < r.losses[0]
 
 
 def _env():
@@ -55,7 +71,16 @@ def test_end_to_end_cli_train_and_generate(tmp_path):
     assert [r["step"] for r in steps] == [3, 6] and [r["step"] for r in evals] == [3, 6]
     for key in ("step", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops", "mfu", "mem_gb"):
         assert key in steps[0], key
-    assert steps[0]["mfu"] is None and steps[0]["tflops"] > 0  # CPU: MFU n/a
+    assert steps[0]["mfu"] is None  # CPU: no peak figure, MFU n/a
+    # TFLOP/s is the model FLOPs per token (docs/metrics.md) times the measured tokens/s, on one device.
+    from engine.config import load_config
+    from engine.train.flops import training_flops_per_token
+
+    resolved = load_config(out / "config.yaml")
+    per_token = training_flops_per_token(resolved.model, resolved.seq_len)
+    for r in steps:
+        assert r["tokens_per_s"] > 0
+        assert r["tflops"] == pytest.approx(per_token * r["tokens_per_s"] / 1e12, rel=1e-9)
     assert "val_loss/pydoc" in evals[0]
     # the resolved config holds the tokenizer's vocabulary size
     assert "vocab_size: 257" in (out / "config.yaml").read_text()

@@ -1,7 +1,11 @@
 """Attention backends behind one function: torch SDPA (default), Triton flash attention, Transformer Engine.
 
 Shapes: q [B, Hq, S, D], k and v [B, Hkv, S, D] with Hq a multiple of Hkv (GQA/MQA).
-`doc_ids` [B, S] (optional) blocks attention across packed documents.
+`doc_ids` [B, S] (optional) blocks attention across packed documents. A document is a maximal run of
+equal consecutive ids: token i may attend token j only if no id change lies between them, so an id that
+comes back after a different one starts a new document. Every backend follows this one rule (the Triton
+kernel in kernels/flash_attention.py does too). The data pipeline (engine/data/masking.py) produces
+non-decreasing ids (EODs before each token), for which this is the same as "equal ids".
 """
 
 from __future__ import annotations
@@ -35,9 +39,19 @@ def check_backend(backend: str) -> None:
     # device it falls back to SDPA with one warning.
 
 
+def _doc_runs(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] ids -> [B, S] index of each token's document (run of equal consecutive ids), from 0.
+
+    Kept here rather than imported from `kernels`: the torch path must work without the optional kernels."""
+    runs = torch.zeros(doc_ids.shape, dtype=torch.int64, device=doc_ids.device)
+    runs[:, 1:] = torch.cumsum((doc_ids[:, 1:] != doc_ids[:, :-1]).to(torch.int64), dim=1)
+    return runs
+
+
 def _doc_mask(doc_ids: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Boolean [B, 1, S, S]: True where attention is allowed (same document, and causal if asked)."""
-    same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
+    """Boolean [B, 1, S, S]: True where attention is allowed (same run of equal ids, and causal if asked)."""
+    runs = _doc_runs(doc_ids)
+    same = runs[:, None, :, None] == runs[:, None, None, :]
     if causal:
         s = doc_ids.shape[1]
         same = same & torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()

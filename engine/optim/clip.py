@@ -11,8 +11,7 @@ The norm is the L2 norm of the gradient of the *whole* model, counting every dis
   a disjoint shard of the buffers, so the squares are summed over dp as well.
 
 Parameters are marked by the layers that create them: `param.tensor_parallel`/`tp_replicas` (tp layers),
-`param.shared_embedding_copy` (pipeline/tied.py: the last stage's copy of a tied embedding) or
-`param.pp_tied` (on every stage's copy of a tied parameter): counted on the first stage only.
+`param.shared_embedding_copy` (pipeline/tied.py: the last stage's copy of a tied embedding, not counted).
 """
 
 from __future__ import annotations
@@ -33,10 +32,9 @@ _EPS = 1e-6  # same as torch.nn.utils.clip_grad_norm_
 
 
 def is_pp_tied_copy(param: torch.Tensor, state: ParallelState) -> bool:
-    """True on stages other than the first for a parameter tied across pipeline stages (counted once)."""
-    if getattr(param, "shared_embedding_copy", False):  # set by pipeline/tied.py on the last stage's copy
-        return state.pp > 1
-    return bool(getattr(param, "pp_tied", False)) and state.pp > 1 and not state.is_first_stage
+    """True for the last stage's copy of an embedding tied across pipeline stages (counted once, on the
+    first stage)."""
+    return bool(getattr(param, "shared_embedding_copy", False)) and state.pp > 1
 
 
 def counts_toward_norm(param: torch.Tensor, state: ParallelState) -> bool:

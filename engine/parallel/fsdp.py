@@ -27,6 +27,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _blocks(chunk: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a chunk, each its own FSDP unit. `Transformer.layers` is an nn.ModuleDict
+    keyed by the global layer index (iterating it yields the keys, not the blocks); a list-like
+    container (nn.ModuleList / nn.Sequential) yields the blocks themselves."""
+    layers = getattr(chunk, "layers", None)
+    if layers is None:
+        return []
+    if isinstance(layers, nn.ModuleDict):
+        return list(layers.values())
+    return list(layers)
+
+
 class FSDPWrapper:
     """`fully_shard` the chunks over the dp mesh; `no_sync`/`finish_grad_sync`/`zero_grad` like DataParallel."""
 
@@ -40,7 +52,7 @@ class FSDPWrapper:
 
             mesh = state.mesh["dp"]
             for m in self.modules:
-                for block in getattr(m, "layers", []):
+                for block in _blocks(m):
                     fully_shard(block, mesh=mesh)
                 fully_shard(m, mesh=mesh)
         # fully_shard replaces parameters by DTensor parameters: map the old objects to the new ones by name.

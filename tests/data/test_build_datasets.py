@@ -1,5 +1,6 @@
 """build_datasets end to end: raw sources preprocessed into the cache, splits, caching, barrier, blending."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,9 +50,18 @@ def test_pydoc_default(tmp_path):
         for p in _pieces(tok, valids["pydoc"][i]):
             if "\ufffd" not in p:
                 assert p in valid_text
-    # all train samples together cover each train token roughly once per epoch (no gaps, no overlap)
-    n_tokens = sum(len(d.encode()) + 1 for d in docs[:77])
-    assert (len(train) * 32 + 1) >= n_tokens - 32
+    # all train samples together cover each train token once per epoch (no gaps, no overlap): one epoch of
+    # the 77 documents (each document's bytes + EOD, in the dataset's document order) is cut into
+    # consecutive 33-token windows that share only their boundary token, and fewer than 32 tokens are left
+    encoded = [np.array(list(d.encode()) + [tok.eod_id]) for d in docs[:77]]
+    n_tokens = sum(len(e) for e in encoded)
+    assert len(train) == (n_tokens - 1) // 32
+    assert sorted(train.doc_idx.tolist()) == list(range(77))  # each train document exactly once
+    stream = np.concatenate([encoded[int(k)] for k in train.doc_idx])
+    position = np.asarray(train.shuffle_idx)  # sample i is window position[i]: it starts at token 32 * position[i]
+    assert sorted(position.tolist()) == list(range(len(train)))  # every window once
+    for j, i in enumerate(np.argsort(position)):  # in stream order
+        np.testing.assert_array_equal(train[int(i)]["tokens"].numpy(), stream[32 * j: 32 * j + 33])
 
 
 def test_document_masking_and_wraparound(tmp_path):
@@ -60,6 +70,7 @@ def test_document_masking_and_wraparound(tmp_path):
     cfg = _cfg(seq_len=16, document_masking=True, train=[{"path": str(text)}], split="100,0,0")
     train, valids = build_datasets(cfg, build_tokenizer("byte"), 100, 0, tmp_path)
     assert valids == {} and len(train) >= 100
+    doc_len = {b"a": 4, b"b": 10, b"c": 2}
     for i in range(len(train)):
         s = train[i]
         toks, pos, doc = s["tokens"][:-1], s["position_ids"], s["doc_ids"]
@@ -69,9 +80,17 @@ def test_document_masking_and_wraparound(tmp_path):
                 assert pos[j] == 0 and doc[j] == doc[j - 1] + 1
             else:
                 assert pos[j] == pos[j - 1] + 1 and doc[j] == doc[j - 1]
-        # every document is intact: runs of one letter of the right length between EODs
-        text_runs = bytes(t for t in s["tokens"].tolist() if t != 256)
-        assert set(text_runs) <= set(b"abc")
+        # every document is intact: runs of one letter of the right length between EODs (the window may
+        # cut the first and last run short, never lengthen or mix one)
+        pieces = bytes(t if t != 256 else ord("|") for t in s["tokens"].tolist()).split(b"|")
+        for n, piece in enumerate(pieces):
+            if piece:
+                assert len(set(piece)) == 1 and piece[:1] in (b"a", b"b", b"c"), pieces
+            full = doc_len[piece[:1]] if piece else None
+            if 0 < n < len(pieces) - 1:  # between two EODs: a whole document
+                assert len(piece) == full, pieces
+            elif piece:
+                assert len(piece) <= full, pieces
 
 
 def test_cache_reuse_and_non_builder(tmp_path):

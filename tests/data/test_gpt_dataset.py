@@ -94,5 +94,7 @@ def test_longer_run_in_same_epoch_reuses_indices(tmp_path):
     a, _ = _dataset(tmp_path, [300] * 10, 16, 20)
     b, _ = _dataset(tmp_path, [300] * 10, 16, 150)     # still one epoch (187 samples): same cache, same order
     assert a._files == b._files and np.array_equal(a.shuffle_idx, b.shuffle_idx)
+    assert len(a) == len(b) == (3000 - 1) // 16 == 187 and len(b.doc_idx) == 10
     c, _ = _dataset(tmp_path, [300] * 10, 16, 400)     # needs 3 epochs: new indices
     assert c._files != a._files and len(c) >= 400
+    assert len(c.doc_idx) == 30 and len(c) == (3 * 3000 - 1) // 16  # 400 * 16 + 1 tokens need 3 epochs of 3000

@@ -1,11 +1,35 @@
 """C++ helpers equal the numpy reference; blending proportions; doc/shuffle index properties."""
 
+import importlib
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from engine.data import index_builders as ib
 
-cpp = pytest.mark.skipif(not ib.have_cpp(), reason="C++ helpers not built (engine.data._helpers)")
+# The extension is optional for users (numpy fallback), so its tests skip where it is not built. CI sets
+# TESSERA_REQUIRE_EXT=1 (.ci/run): there a missing extension fails these tests instead of skipping them.
+REQUIRE_EXT = os.environ.get("TESSERA_REQUIRE_EXT") == "1"
+cpp = pytest.mark.skipif(not ib.have_cpp() and not REQUIRE_EXT, reason="C++ helpers not built (engine.data._helpers)")
+
+
+@pytest.mark.skipif(not REQUIRE_EXT, reason="TESSERA_REQUIRE_EXT=1 not set (CI sets it)")
+def test_extension_built_when_required():
+    try:
+        importlib.import_module("engine.data._helpers")
+    except ImportError as e:
+        pytest.fail(f"TESSERA_REQUIRE_EXT=1: the C++ data helpers (engine.data._helpers) did not build or import "
+                    f"({e}); see the install log for the compiler warning from setup.py")
+    assert ib.have_cpp()
+
+
+def test_ci_requires_the_extension():
+    # without the export a failed build would make CI skip every C++ test and still pass
+    lines = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text().splitlines()
+    assert "export TESSERA_REQUIRE_EXT=1" in lines
+    assert lines.index("export TESSERA_REQUIRE_EXT=1") < next(i for i, ln in enumerate(lines) if "&& pytest" in ln)
 
 
 def _sample_idx_bruteforce(sizes, doc_idx, seq_len, num_samples):
@@ -38,7 +62,7 @@ def test_sample_idx_matches_reference(sizes, epochs, seq_len):
     num_samples = (int(sizes.sum()) * epochs - 1) // seq_len
     ref = _sample_idx_bruteforce(sizes, doc_idx, seq_len, num_samples)
     np.testing.assert_array_equal(ib.build_sample_idx(sizes, doc_idx, seq_len, num_samples, "numpy"), ref)
-    if ib.have_cpp():
+    if ib.have_cpp() or REQUIRE_EXT:
         np.testing.assert_array_equal(ib.build_sample_idx(sizes, doc_idx, seq_len, num_samples, "cpp"), ref)
 
 
@@ -92,7 +116,8 @@ def test_permutation_seeded():
 def test_doc_idx_epochs():
     d = ib.build_doc_idx(10, 4, 0, separate_final_epoch=True)
     assert d.dtype == np.int32 and d.size == 40
-    assert np.bincount(d[:30], minlength=10).tolist() == [3] * 10   # first 3 epochs together
+    assert np.bincount(d[:30], minlength=10).tolist() == [3] * 10   # first 3 epochs together:
+    assert not all(sorted(d[e:e + 10].tolist()) == list(range(10)) for e in (0, 10, 20))  # mixed, not one by one
     assert sorted(d[30:].tolist()) == list(range(10))               # final epoch on its own
     s = ib.build_shuffle_idx(30, 37, 0)
     assert sorted(s[:30].tolist()) == list(range(30)) and sorted(s[30:].tolist()) == list(range(30, 37))

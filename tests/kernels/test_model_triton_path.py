@@ -1,7 +1,10 @@
 """A tiny model trained with the Triton path (flash attention + fused ops) tracks the torch path.
 
 fp32 under the interpreter on CPU: both paths start from the same weights and data,
-and after 20 AdamW steps their losses agree within 1e-4 (relative) at every step.
+and after 20 AdamW steps their losses agree within 1e-4 (relative) at every step. Spies on the
+`kernels` functions show that every fused kernel ran on the Triton path (a silent fallback to torch
+would match the losses too) and none on the torch path. The fallback without triton installed is
+tested in tests/test_kernel_fallback.py, which does not skip when triton is missing.
 """
 import pytest
 import torch
@@ -13,6 +16,25 @@ if not kernels.TRITON_AVAILABLE:
 from engine.config import config_from_dict  # noqa: E402
 from engine.model import build_model  # noqa: E402
 from engine.model.loss import lm_loss  # noqa: E402
+
+# Every kernel the model reaches through engine/model/ops.py and attention.py (LayerNorm: test_norms.py).
+FUSED_KERNELS = ("flash_attention", "rms_norm", "apply_rope", "swiglu", "cross_entropy")
+
+
+def _spy(monkeypatch) -> dict[str, list[torch.dtype]]:
+    """Wrap each kernel so its calls are recorded (dtype of the first argument) and still run."""
+    seen: dict[str, list[torch.dtype]] = {name: [] for name in FUSED_KERNELS}
+
+    def wrap(name, real):
+        return lambda x, *a, **kw: seen[name].append(x.dtype) or real(x, *a, **kw)
+
+    for name in FUSED_KERNELS:
+        monkeypatch.setattr(kernels, name, wrap(name, getattr(kernels, name)))
+    return seen
+
+
+def _called(seen) -> set[str]:
+    return {name for name, calls in seen.items() if calls}
 
 
 def _train(preset_overrides, triton_path: bool, steps: int = 20, dtype=None):
@@ -43,10 +65,13 @@ def _train(preset_overrides, triton_path: bool, steps: int = 20, dtype=None):
     return losses
 
 
-def test_triton_path_matches_torch_path():
+def test_triton_path_matches_torch_path(monkeypatch):
     # LayerNorm is covered by test_norms.py; one Llama-style run keeps the interpreter time small.
+    seen = _spy(monkeypatch)
     ref = _train({}, triton_path=False)
+    assert _called(seen) == set()
     tri = _train({}, triton_path=True)
+    assert _called(seen) == set(FUSED_KERNELS)
     assert ref[-1] < ref[0]  # it learns something
     for a, b in zip(tri, ref):
         assert abs(a - b) <= 1e-4 * abs(b), (tri, ref)
@@ -60,9 +85,12 @@ def test_cpu_without_interpreter_falls_back_to_torch(monkeypatch):
 
     monkeypatch.setattr(kernels, "INTERPRET_REQUESTED", False)
     monkeypatch.setattr(ops, "_WARNED", set())
-    with pytest.warns(RuntimeWarning, match="Triton needs a CUDA device") as rec:
+    seen = _spy(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="Triton needs a CUDA device") as rec:  # records every warning
         tri = _train({}, triton_path=True, steps=2)
-    assert {str(w.message).split(":")[0] for w in rec} == {"model.attention=triton", "model.fused_ops"}
+    msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+    assert sorted(m.split(":")[0] for m in msgs) == ["model.attention=triton", "model.fused_ops"], msgs
+    assert _called(seen) == set()
     assert tri == _train({}, triton_path=False, steps=2)
 
 
@@ -70,11 +98,11 @@ def test_triton_path_matches_torch_path_in_bf16(monkeypatch):
     # bf16 autocast: the kernels get bf16 q/k/v (on CPU the interpreter emulates the bf16 dots).
     # Both paths round differently, so the bound is bf16-sized (2e-3 relative); measured: at most
     # 3.4e-4, about the torch path's own bf16-vs-fp32 difference on this run (3.7e-4).
-    seen = []
-    real = kernels.flash_attention
-    monkeypatch.setattr(kernels, "flash_attention", lambda q, *a, **kw: seen.append(q.dtype) or real(q, *a, **kw))
+    seen = _spy(monkeypatch)
     ref = _train({}, triton_path=False, steps=10, dtype=torch.bfloat16)
+    assert _called(seen) == set()
     tri = _train({}, triton_path=True, steps=10, dtype=torch.bfloat16)
-    assert seen and set(seen) == {torch.bfloat16}
+    assert _called(seen) == set(FUSED_KERNELS)
+    assert set(seen["flash_attention"]) == {torch.bfloat16}
     for a, b in zip(tri, ref):
         assert abs(a - b) <= 2e-3 * abs(b), (tri, ref)

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,6 +19,7 @@ from engine.optim.clip import clip_grad_norm, grad_norm  # noqa: E402
 from engine.optim.adamw import param_groups  # noqa: E402
 from engine.parallel.data_parallel import DataParallel, wrap_data_parallel  # noqa: E402
 from engine.parallel.distributed_optimizer import DistributedOptimizer  # noqa: E402
+from engine.parallel.pipeline.tied import allreduce_tied_embedding_grads, sync_tied_embeddings  # noqa: E402
 from engine.parallel.state import ParallelState  # noqa: E402
 from tests.dist_utils import run_distributed  # noqa: E402
 
@@ -148,16 +148,35 @@ def _dp_cases(rank: int, world: int) -> dict:
     return out
 
 
+class _Holder(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+
+
 class _Stage(nn.Module):
-    """One of two 'pipeline stages' that both use the tied table E (D x D here) and their own layer."""
+    """One of two 'pipeline stages' that both use the tied table E (D x D here) and their own layer.
+
+    E sits where the real model keeps a tied embedding, which is what engine/parallel/pipeline/tied.py
+    reads: `embed.weight` on the first stage (`pre_process`), `head.weight` on the last (`post_process`),
+    and `cfg.tie_embeddings`. So the test drives the pipeline's own functions, not a copy of them."""
 
     def __init__(self, stage: int) -> None:
         super().__init__()
         torch.manual_seed(0)
         e, a, b = torch.randn(D, D), torch.randn(D, D), torch.randn(D)
-        self.tied = nn.Parameter(e.clone())
+        self.cfg = SimpleNamespace(tie_embeddings=True)
+        self.pre_process, self.post_process = stage == 0, stage == 1
+        if stage == 0:
+            self.embed = _Holder(e)
+        else:
+            self.head = _Holder(e)
         self.own = nn.Parameter((a if stage == 0 else b).clone())
         self.stage = stage
+
+    @property
+    def tied(self) -> nn.Parameter:
+        return self.embed.weight if self.stage == 0 else self.head.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, D) -> this stage's term of the loss
         if self.stage == 0:
@@ -171,8 +190,8 @@ def _pp_tied_run(stages: list, x_parts: list, ddp, opt, state=None) -> None:
         with ddp.no_sync():  # as the pipeline executor: hold the dp reduction for the whole schedule
             loss = sum(st(x) for st, x in zip(stages, x_parts[step]))
             loss.backward()
-        if state is not None:  # as pipeline/tied.py: sum the tied copies' main grads over the two stages
-            dist.all_reduce(stages[0].tied.main_grad, group=state.embedding_group)
+            if state is not None:  # the executor's call: sum the tied copies' main grads over the two stages
+                allreduce_tied_embedding_grads(stages, state)
         ddp.finish_grad_sync()
         opt.clip_grad_norm(0.05)
         opt.step()
@@ -186,15 +205,17 @@ def _pp_tied_case(zero: int) -> float:
     xs = [torch.randn(8, D, generator=g) for _ in range(STEPS)]  # global batch per step
     # reference: one table, both terms, full batch
     s0, s1 = _Stage(0), _Stage(1)
-    s1.tied = s0.tied
+    s1.head.weight = s0.embed.weight
     ref_model = nn.ModuleList([s0, s1])
     ref_ddp = DataParallel(ref_model, ParallelState.single(), bucket_size=10)
     ref_opt = DistributedOptimizer(ref_ddp, param_groups(ref_model.named_parameters(), 0.1), lr=LR, weight_decay=0.1)
     _pp_tied_run([s0, s1], [[x, x] for x in xs], ref_ddp, ref_opt)
-    # this rank: its stage only, its half of the batch, the table marked as tied across stages
+    # this rank: its stage only, its half of the batch; the pipeline's own set-up makes the copies equal
+    # and marks the last stage's copy (counted once in the grad norm)
     st = _Stage(state.pp_rank)
-    if state.pp_rank == 1:
-        st.tied.shared_embedding_copy = True  # counted once in the grad norm
+    with torch.no_grad():
+        st.tied.mul_(1.0 + state.pp_rank)  # a different start on stage 1: sync_tied_embeddings must fix it
+    sync_tied_embeddings([st], state)
     ddp = DataParallel(st, state, bucket_size=10, shard_grads=zero == 1)
     opt = DistributedOptimizer(ddp, param_groups(st.named_parameters(), 0.1), lr=LR, weight_decay=0.1)
     half = [x[state.dp_rank * 4:(state.dp_rank + 1) * 4] for x in xs]
@@ -209,16 +230,19 @@ def _tp_pp_norm_case(rank: int) -> tuple[float, float]:
     g = torch.Generator().manual_seed(5)
     W = [torch.randn(8, 6, generator=g) for _ in range(2)]  # per stage, split over tp along dim 0
     n = [torch.randn(6, generator=g) for _ in range(2)]  # per stage, replicated over tp
-    E = torch.randn(5, 3, generator=g)  # on the first and last stage (tied), replicated over tp
+    E = torch.randn(D, D, generator=g)  # on the first and last stage (tied), replicated over tp
     expected = (sum(w.square().sum() for w in W) + sum(v.square().sum() for v in n) + E.square().sum()).sqrt()
     s, t = state.pp_rank, state.tp_rank
     params = []
-    for full, sharded, tied in ((W[s].chunk(2, 0)[t], True, False), (n[s], False, False), (E, False, True)):
+    for full, sharded in ((W[s].chunk(2, 0)[t], True), (n[s], False)):
         p = nn.Parameter(torch.zeros_like(full))
         p.grad = full.clone()
         p.tensor_parallel = sharded
-        p.pp_tied = tied
         params.append(p)
+    stage = _Stage(s)  # E as the pipeline holds a tied embedding; sync_tied_embeddings marks the copy
+    sync_tied_embeddings([stage], state)
+    stage.tied.grad = E.clone()
+    params.append(stage.tied)
     return grad_norm(params, state), float(expected)
 
 

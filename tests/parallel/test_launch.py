@@ -1,5 +1,10 @@
 """Launch failure handling under torchrun: a rank that dies or hangs makes the whole job exit non-zero,
 within the process-group timeout (`parallel.timeout_minutes`), instead of hanging for the 30-minute default.
+
+No wall-clock bound (the shared 2-core machine makes those flaky): the output says WHY the job ended. A
+dead peer is noticed through the reset connection (no timeout involved); a hung peer through gloo's
+"Timed out waiting 6000ms", i.e. the configured 6 s and not the default 30 minutes. The subprocess limit
+is only a safety net against a real hang.
 """
 
 import os
@@ -41,17 +46,20 @@ def _torchrun(tmp_path: Path, mode: str) -> tuple[int, float, str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(script), mode]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     return proc.returncode, time.monotonic() - start, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("mode, limit_s", [("die", 40.0), ("hang", 50.0)])
-def test_failed_rank_fails_the_job(tmp_path, mode, limit_s):
-    rc, elapsed, out = _torchrun(tmp_path, mode)
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_failed_rank_fails_the_job(tmp_path, mode):
+    rc, _, out = _torchrun(tmp_path, mode)
     assert rc != 0, out[-3000:]
     # Both ranks got past start-up: the job failed for the intended reason, not an import or init error.
     assert (tmp_path / "ready0").exists() and (tmp_path / "ready1").exists(), out[-3000:]
     assert "finished without noticing" not in out
-    if mode == "hang":
-        assert "Timed out" in out, out[-3000:]  # gloo's timeout error: the configured 6 s fired
-    assert elapsed < limit_s, f"{mode}: job took {elapsed:.1f} s to fail\n{out[-3000:]}"
+    if mode == "die":
+        assert "exitcode  : 3" in out, out[-3000:]  # torchrun reports the dead rank's own exit code
+        assert "Connection reset by peer" in out, out[-3000:]  # rank 0 noticed at once, not by a timeout
+        assert "Timed out" not in out, out[-3000:]
+    else:
+        assert "Timed out waiting 6000ms" in out, out[-3000:]  # the configured 6 s fired
