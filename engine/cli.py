@@ -20,6 +20,7 @@ BENCHES = {
     "pipeline": ("engine.bench.pipeline", "Pipeline schedule simulator: bubble fraction, in-flight activations."),
     "parallel": ("engine.bench.parallel", "Tensor-parallel step time and communication share on CPU processes."),
     "dp": ("engine.bench.data_parallel", "Data parallel: optimizer-state memory per rank, step time with/without overlap."),
+    "build": ("engine.bench.build", "Model construction: wall time and peak memory per tensor-parallel rank."),
 }
 TOKENIZER_CMDS = {
     "train": ("engine.data.tokenizer_train", "Train a SentencePiece tokenizer (bpe or unigram)."),

@@ -18,9 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message meant for the user."""
+from engine.errors import ConfigError
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -443,6 +441,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                f"change the sizes or give parallel.pp_layout")
     _check(p.vpp == 1 or p.schedule == "interleaved",
            f"parallel.vpp={p.vpp} needs parallel.schedule='interleaved', found {p.schedule!r}")
+    _check(p.zero != 3 or (p.tp == 1 and p.pp == 1),
+           f"parallel.zero=3 (FSDP2) supports data parallelism only: expected parallel.tp=1 and parallel.pp=1, "
+           f"found tp={p.tp}, pp={p.pp}; use parallel.zero=1 (ZeRO-1) with tensor or pipeline parallelism")
     _check(not cfg.train.compile or p.pp == 1,
            "train.compile=true is not supported with parallel.pp > 1 yet (pipeline stages run eagerly); "
            "set train.compile=false or parallel.pp=1")

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from engine.checkpoint.weights import load_weights
 from engine.config import Config, ConfigError, load_config
 from engine.data import Tokenizer, build_tokenizer
 from engine.model.transformer import Transformer
@@ -21,15 +22,12 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Config, Transfor
             raise ConfigError(f"run directory {str(run)!r}: expected {f.name} (written at the end of "
                               f"`tessera train`), found none")
     cfg = load_config(cfg_path)
-    from safetensors.torch import load_file
-
-    model = Transformer(cfg.model)
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"{weights}: weights do not match the model in {cfg_path}: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
-    model.to(device).eval()
+    # Canonical weights (real vocabulary) into a one-process model; the vocabulary padding is added here.
+    model = Transformer(cfg.model, device="meta")
+    model.to_empty(device=torch.device(device))
+    model.reset_buffers()
+    load_weights(model, weights)
+    model.eval()
     return cfg, model, build_tokenizer(cfg.data.tokenizer)
 
 

@@ -15,8 +15,9 @@ gloo group already initialised with a short timeout. Return values come back in 
 raises, the same exception type is raised here with the rank's traceback text attached (as `__cause__`),
 so `pytest.raises(ValueError, match=...)` works on errors raised inside workers.
 
-Start-up costs seconds per job (FACTS.md: ~8 s for 2 ranks, ~12 s for 4): run several test cases in one
-call where possible. Workers use one intra-op thread each because the test machine has 2 cores.
+Start-up costs seconds per job (measured on this project's 2-core machine: ~8 s for 2 ranks, ~12 s for
+4): run several test cases in one call where possible. Workers use one intra-op thread each because the
+test machine has 2 cores.
 """
 
 from __future__ import annotations

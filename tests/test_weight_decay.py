@@ -5,8 +5,8 @@ Checked two ways, both independent of `engine.optim.param_groups`' own rule (par
   positions, tied embedding; Llama style has RMSNorm and QKV biases);
 - by behaviour: one AdamW step with all-zero gradients moves a parameter only through decoupled weight
   decay, p <- p * (1 - lr * wd), so decayed parameters shrink by exactly that factor and the others stay
-  bit-identical. Run for the single-process optimizer (`build_adamw`) and for the data-parallel one
-  (`wrap_data_parallel`, ZeRO 0 and 1) that multi-process runs use.
+  bit-identical. Run for the plain torch optimizer of hand-written loops (`build_adamw`) and for the
+  engine's one optimizer (`wrap_data_parallel`, ZeRO 0 and 1), which the training loop uses in every layout.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from engine.config import config_from_dict
 from engine.model import build_model
 from engine.optim import build_adamw, param_groups
-from engine.parallel.data_parallel import wrap_data_parallel
 from engine.parallel.state import ParallelState
+from engine.train.build import wrap_data_parallel
 
 LR, WD = 0.1, 0.5  # factor 0.95: far from 1 so that a missed or extra decay shows
 
@@ -91,5 +91,5 @@ def test_data_parallel_optimizer_decays_only_matrices(zero):
     model = _model("gpt2")
     cfg = SimpleNamespace(parallel=SimpleNamespace(zero=zero),
                           optim=SimpleNamespace(lr=LR, betas=[0.9, 0.95], eps=1e-8, weight_decay=WD))
-    ddp, opt = wrap_data_parallel(model, None, cfg, ParallelState.single())
+    ddp, opt = wrap_data_parallel([model], model.shard_specs(), cfg, ParallelState.single())
     _check_decay(_zero_grad_step(model, opt, ddp))

@@ -36,9 +36,9 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: A
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(args.threads)
-    from engine.optim.adamw import param_groups
+    from engine.optim.optimizer import Optimizer
     from engine.parallel.data_parallel import DataParallel
-    from engine.parallel.distributed_optimizer import DistributedOptimizer
+    from engine.parallel.sharding import collect_specs
     from engine.parallel.state import ParallelState
 
     if world > 1:
@@ -50,7 +50,9 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: A
         for overlap in ((True, False) if world > 1 else (True,)):
             model = _model(args.layers, args.width)
             ddp = DataParallel(model, state, bucket_size=args.bucket_size, overlap=overlap, shard_grads=zero == 1)
-            opt = DistributedOptimizer(ddp, param_groups(model.named_parameters(), 0.1), lr=1e-4, weight_decay=0.1)
+            opt = Optimizer(ddp.segments(), collect_specs(model, default_replicated=True), state, lr=1e-4,
+                            weight_decay=0.1, grads_sharded=zero == 1 and world > 1, after_step=ddp.sync_params,
+                            zero_grad=ddp.zero_grad)
             x = torch.randn(per_rank, args.width)  # (B/dp, W)
             times, grad_times = [], []
             for step in range(args.steps + 2):

@@ -166,25 +166,29 @@ def _measure_worker(rank: int, a: argparse.Namespace, names: list[str], port: in
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=a.pp, timeout=datetime.timedelta(seconds=300))
+    from engine.model.loss import lm_loss
     from engine.parallel.pipeline.executor import forward_backward_pipeline
-    from engine.parallel.pipeline.stages import build_stage_chunks
     from engine.parallel.state import ParallelState
+    from engine.train.build import build_chunks
+    from engine.train.step import split_batch
 
     ps = ParallelState.initialize(tp=1, pp=a.pp, dp=1, device="cpu")
     cfg = _bench_model_cfg(a)
-    chunks = {v: build_stage_chunks(cfg, ps, seed=1, vpp=v) for v in {a.vpp if n == "interleaved" else 1
-                                                                      for n in names}}
+    chunks = {v: build_chunks(cfg, ps, seed=1, vpp=v) for v in {a.vpp if n == "interleaved" else 1 for n in names}}
     g = torch.Generator().manual_seed(0)
-    batches = [{"tokens": torch.randint(0, 256, (a.micro_batch_size, a.seq + 1), generator=g)}
-               for _ in range(a.micro_batches)]
+    batches = [split_batch({"tokens": torch.randint(0, 256, (a.micro_batch_size, a.seq + 1), generator=g)},
+                           torch.device("cpu")) for _ in range(a.micro_batches)]
+
+    def loss_fn(logits, batch):
+        return lm_loss(logits, batch["targets"], cfg.vocab_size)
     times: dict[str, list[float]] = {n: [] for n in names}
     for step in range(a.steps + 1):
         for name in names:
             dist.barrier()
             t0 = time.perf_counter()
-            forward_backward_pipeline(chunks[a.vpp if name == "interleaved" else 1], batches, a.micro_batches, ps,
-                                      schedule=name, seq_len=a.seq, micro_batch_size=a.micro_batch_size,
-                                      d_model=cfg.d_model, vocab_size=cfg.vocab_size)
+            forward_backward_pipeline(chunks[a.vpp if name == "interleaved" else 1], batches, ps, schedule=name,
+                                      loss_fn=loss_fn, seq_len=a.seq, micro_batch_size=a.micro_batch_size,
+                                      d_model=cfg.d_model)
             dist.barrier()
             if step:  # step 0 is the warm-up
                 times[name].append(time.perf_counter() - t0)

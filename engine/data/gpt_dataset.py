@@ -170,6 +170,10 @@ class GPTDataset(Dataset):
             out = np.concatenate(parts)
         return out.astype(np.int64)
 
+    def samples_drawn(self, consumed: int) -> dict[str, int]:
+        """{dataset name: samples of it among the first `consumed` samples} (the data position of a run)."""
+        return {self.spec.name: int(consumed)}
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         n = len(self)
         if not -n <= i < n:
@@ -210,6 +214,13 @@ class BlendedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset_index)
+
+    def samples_drawn(self, consumed: int) -> dict[str, int]:
+        """{dataset name: samples of it among the first `consumed` blended samples}."""
+        head = np.asarray(self.dataset_index[:min(consumed, len(self))])
+        counts = np.bincount(head.astype(np.int64), minlength=len(self.datasets))
+        names = [getattr(getattr(ds, "spec", None), "name", f"dataset{k}") for k, ds in enumerate(self.datasets)]
+        return {name: int(c) for name, c in zip(names, counts)}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         n = len(self)

@@ -8,7 +8,7 @@ import torch
 
 from engine.model import ops
 from engine.parallel.state import ParallelState
-from engine.parallel.tensor_parallel import vocab_parallel_cross_entropy
+from engine.parallel.vocab_parallel_ce import vocab_parallel_cross_entropy
 
 IGNORE_INDEX = -100
 

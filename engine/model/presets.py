@@ -7,6 +7,9 @@ Sizes follow the published models so parameter counts can be checked against the
 from __future__ import annotations
 
 import copy
+import difflib
+
+from engine.errors import ConfigError
 
 # GPT-2 family: LayerNorm, learned positions, GELU, biases everywhere, tied embeddings.
 _GPT2 = dict(vocab_size=50257, norm="layernorm", norm_eps=1e-5, activation="gelu", position="learned",
@@ -45,11 +48,7 @@ PRESETS: dict[str, dict] = {
 
 def get_preset(name: str) -> dict:
     """A copy of the preset's field values; a clear error lists the valid names."""
-    from engine.config import ConfigError
-
     if name not in PRESETS:
-        import difflib
-
         close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ConfigError(f"model.preset: unknown preset {name!r}.{hint} Valid presets: {', '.join(PRESETS)}")

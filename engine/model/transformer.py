@@ -14,12 +14,17 @@ At tp=1 the layers are plain nn.Linear / nn.Embedding math.
 A model object can be one pipeline stage: it holds the blocks `layer_range` (global indices, so
 parameter names and initial values do not depend on the parallel layout), the embedding when
 `pre_process` and the final norm + output head when `post_process`.
+
+State: `shard_specs()` maps every parameter name to its ShardSpec (canonical name, global shape with the
+real vocabulary, tp split and padding). A tied head on a last pipeline stage without the embedding is a
+runtime copy (`tied_to="embed.weight"`), not a tensor of its own. Built on the meta device (the default of
+`build_model`/the build module), the model allocates nothing until it is materialised shard by shard
+(engine/model/init.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from typing import Optional
 
@@ -30,8 +35,10 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.model import ops
 from engine.model.attention import attention, check_backend
-from engine.parallel import tensor_parallel as tpl
+from engine.parallel.collectives import to_tp_region
+from engine.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear
 from engine.parallel.random import model_parallel_rng
+from engine.parallel.sharding import ShardSpec, collect_specs, replicated
 from engine.parallel.state import ParallelState
 
 
@@ -60,27 +67,25 @@ def padded_vocab(cfg: ModelConfig, tp: int = 1) -> int:
     return mult * math.ceil(cfg.vocab_size / mult)
 
 
-def _stable_seed(seed: int, name: str) -> int:
-    """A seed per parameter name: initial values do not depend on construction order or layout."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 # --------------------------------------------------------------------------- layers
 
 
 class Norm(nn.Module):
     """RMSNorm or LayerNorm over the last dimension."""
 
-    def __init__(self, cfg: ModelConfig, pstate: Optional[ParallelState] = None):
+    def __init__(self, cfg: ModelConfig, pstate: Optional[ParallelState] = None,
+                 device: Optional[torch.device] = None):
         super().__init__()
+        pstate = pstate or ParallelState.single()
         self.kind, self.eps, self.fused = cfg.norm, cfg.norm_eps, cfg.fused_ops
-        self.weight = nn.Parameter(torch.ones(cfg.d_model))
-        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if (cfg.norm == "layernorm" and cfg.bias) else None
-        if pstate is not None and pstate.sequence_parallel and pstate.tp > 1:
-            # Runs on a sequence shard: its gradients are per-shard partial sums (allreduce_sequence_parallel_grads).
-            for p in self.parameters():
-                p.sequence_parallel = True
+        self.weight = nn.Parameter(torch.ones(cfg.d_model, device=device))
+        has_bias = cfg.norm == "layernorm" and cfg.bias
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model, device=device)) if has_bias else None
+        # With sequence parallel it runs on a sequence shard: its gradients are per-shard partial sums.
+        sp = pstate.sequence_parallel and pstate.tp > 1
+        self.param_specs: dict[str, ShardSpec] = {
+            n: replicated(n, (cfg.d_model,), sequence_parallel=sp, tp=pstate.tp)
+            for n in (("weight", "bias") if has_bias else ("weight",))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":
@@ -104,25 +109,24 @@ def _check_tp_heads(cfg: ModelConfig, tp: int) -> int:
 class Attention(nn.Module):
     """Self-attention; at tp > 1 this rank holds H/tp query heads and the K/V heads they use."""
 
-    def __init__(self, cfg: ModelConfig, pstate: ParallelState):
+    def __init__(self, cfg: ModelConfig, pstate: ParallelState, device: Optional[torch.device] = None):
         super().__init__()
         tp = pstate.tp
         kv_replicas = _check_tp_heads(cfg, tp)
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, kv_heads(cfg), head_dim(cfg)
         qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
         d, hq, hkv = cfg.d_model, self.n_heads * self.hd, self.n_kv * self.hd
-        self.q_proj = tpl.ColumnParallelLinear(d, hq, pstate, bias=qkv_bias)  # -> [B, S, H/tp * hd]
-        self.k_proj = tpl.ColumnParallelLinear(d, hkv, pstate, bias=qkv_bias, replicas=kv_replicas)
-        self.v_proj = tpl.ColumnParallelLinear(d, hkv, pstate, bias=qkv_bias, replicas=kv_replicas)
-        self.o_proj = tpl.RowParallelLinear(hq, d, pstate, bias=cfg.bias)  # [B, S, H/tp * hd] -> [B, S, D]
-        self.o_proj.weight.is_output_proj = True  # scaled init (GPT-2 / Megatron)
+        self.q_proj = ColumnParallelLinear(d, hq, pstate, bias=qkv_bias, device=device)  # -> [B, S, H/tp * hd]
+        self.k_proj = ColumnParallelLinear(d, hkv, pstate, bias=qkv_bias, replicas=kv_replicas, device=device)
+        self.v_proj = ColumnParallelLinear(d, hkv, pstate, bias=qkv_bias, replicas=kv_replicas, device=device)
+        self.o_proj = RowParallelLinear(hq, d, pstate, bias=cfg.bias, device=device)  # [B, S, H/tp*hd] -> [B, S, D]
         self.dropout, self.backend, self.fused = cfg.dropout, cfg.attention, cfg.fused_ops
         self.pstate = pstate
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
                 doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
         # x [B, S, D], or [B, S/tp, D] with sequence parallel; one collective for the three projections
-        x = tpl.to_tp_region(x, self.pstate, self.q_proj.sequence_parallel)  # [B, S, D]
+        x = to_tp_region(x, self.pstate, self.q_proj.sequence_parallel)  # [B, S, D]
         q, k, v = (proj(x, input_in_tp_region=True) for proj in (self.q_proj, self.k_proj, self.v_proj))
         b, s, _ = q.shape  # full sequence
         q = q.view(b, s, -1, self.hd).transpose(1, 2)  # [B, H/tp, S, hd]
@@ -138,7 +142,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, pstate: ParallelState):
+    def __init__(self, cfg: ModelConfig, pstate: ParallelState, device: Optional[torch.device] = None):
         super().__init__()
         hidden = ffn_hidden(cfg)
         if hidden % pstate.tp != 0:
@@ -148,15 +152,14 @@ class MLP(nn.Module):
         # gate and up are separate column-parallel layers, so rank r holds the SAME hidden units [r*F/tp,
         # (r+1)*F/tp) of both and silu(gate) * up pairs correctly; down is row-parallel over those units.
         if cfg.activation == "swiglu":
-            self.gate_proj = tpl.ColumnParallelLinear(cfg.d_model, hidden, pstate, bias=cfg.bias)
-        self.up_proj = tpl.ColumnParallelLinear(cfg.d_model, hidden, pstate, bias=cfg.bias)  # [B, S, F/tp]
-        self.down_proj = tpl.RowParallelLinear(hidden, cfg.d_model, pstate, bias=cfg.bias)
-        self.down_proj.weight.is_output_proj = True
+            self.gate_proj = ColumnParallelLinear(cfg.d_model, hidden, pstate, bias=cfg.bias, device=device)
+        self.up_proj = ColumnParallelLinear(cfg.d_model, hidden, pstate, bias=cfg.bias, device=device)  # [B, S, F/tp]
+        self.down_proj = RowParallelLinear(hidden, cfg.d_model, pstate, bias=cfg.bias, device=device)
         self.pstate = pstate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [B, S, D] or [B, S/tp, D] (sequence parallel); one collective for gate and up
-        x = tpl.to_tp_region(x, self.pstate, self.up_proj.sequence_parallel)
+        x = to_tp_region(x, self.pstate, self.up_proj.sequence_parallel)
         up = self.up_proj(x, input_in_tp_region=True)  # [B, S, F/tp]
         if self.activation == "swiglu":
             h = ops.swiglu(self.gate_proj(x, input_in_tp_region=True), up, fused=self.fused)
@@ -179,12 +182,12 @@ def residual_dropout(drop: nn.Dropout, y: torch.Tensor, pstate: ParallelState) -
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, pstate: ParallelState):
+    def __init__(self, cfg: ModelConfig, pstate: ParallelState, device: Optional[torch.device] = None):
         super().__init__()
-        self.attn_norm = Norm(cfg, pstate)
-        self.attn = Attention(cfg, pstate)
-        self.mlp_norm = Norm(cfg, pstate)
-        self.mlp = MLP(cfg, pstate)
+        self.attn_norm = Norm(cfg, pstate, device)
+        self.attn = Attention(cfg, pstate, device)
+        self.mlp_norm = Norm(cfg, pstate, device)
+        self.mlp = MLP(cfg, pstate, device)
         self.drop = nn.Dropout(cfg.dropout)
         self.pstate = pstate
 
@@ -201,7 +204,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, pstate: Optional[ParallelState] = None,
                  layer_range: Optional[tuple[int, int]] = None, pre_process: bool = True,
-                 post_process: bool = True):
+                 post_process: bool = True, device: Optional[torch.device | str] = None):
+        """device: where parameters live; "meta" allocates nothing (materialise with engine.model.init).
+        None = pstate.device, with the layers' own torch-style default init (tests of single layers)."""
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (> 0) before building the model; the training "
@@ -209,57 +214,75 @@ class Transformer(nn.Module):
         check_backend(cfg.attention)
         self.cfg = cfg
         self.pstate = pstate or ParallelState.single()
+        device = torch.device(device) if device is not None else self.pstate.device
         self.pre_process, self.post_process = pre_process, post_process
         start, stop = layer_range or (0, cfg.n_layers)
         self.layer_range = (start, stop)
         self.vocab_size = cfg.vocab_size
         self.padded_vocab = padded_vocab(cfg, self.pstate.tp)
-        d = cfg.d_model
+        d, tp = cfg.d_model, self.pstate.tp
 
-        self.sequence_parallel = self.pstate.sequence_parallel and self.pstate.tp > 1
+        self.sequence_parallel = self.pstate.sequence_parallel and tp > 1
+        self.param_specs: dict[str, ShardSpec] = {}  # parameters of plain torch submodules
         if pre_process:
-            self.embed = tpl.VocabParallelEmbedding(self.padded_vocab, d, self.pstate)  # rows split over tp
+            # rows split over tp; the canonical embedding has the real vocabulary (padding is runtime only)
+            self.embed = VocabParallelEmbedding(self.padded_vocab, d, self.pstate, device=device,
+                                                real_size=cfg.vocab_size)
             if cfg.position == "learned":
-                self.pos_embed = nn.Embedding(cfg.max_seq_len, d)  # replicated
-                if self.sequence_parallel:
-                    self.pos_embed.weight.sequence_parallel = True  # each rank adds only its positions
+                self.pos_embed = nn.Embedding(cfg.max_seq_len, d, device=device)  # replicated
+                # with sequence parallel each rank adds only its positions: a partial gradient
+                self.param_specs["pos_embed.weight"] = replicated(
+                    "pos_embed.weight", (cfg.max_seq_len, d), sequence_parallel=self.sequence_parallel, tp=tp)
             self.embed_drop = nn.Dropout(cfg.dropout)
         # ModuleDict keyed by the global layer index: names match the full model on every stage.
-        self.layers = nn.ModuleDict({str(i): Block(cfg, self.pstate) for i in range(start, stop)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, self.pstate, device) for i in range(start, stop)})
+        self.head: Optional[ColumnParallelLinear] = None
         if post_process:
-            self.norm = Norm(cfg, self.pstate)
-            # Tied and holding the embedding: reuse it. A last pipeline stage without the embedding
-            # keeps its own copy, kept equal by the pipeline code. Column-parallel: logits split over vocab.
-            self.head = None if (cfg.tie_embeddings and pre_process) else tpl.ColumnParallelLinear(
-                d, self.padded_vocab, self.pstate, bias=False)
+            self.norm = Norm(cfg, self.pstate, device)
+            # Tied and holding the embedding: reuse it. A last pipeline stage without the embedding keeps a
+            # runtime copy, kept equal by the pipeline code. Column-parallel: logits split over the vocabulary.
+            if not (cfg.tie_embeddings and pre_process):
+                self.head = ColumnParallelLinear(d, self.padded_vocab, self.pstate, bias=False, device=device,
+                                                 real_size=cfg.vocab_size)
         if cfg.position == "rope":
             cos, sin = ops.rope_cache(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            buf_device = device if device.type != "meta" else None  # tables are small: real even on meta builds
+            self.register_buffer("rope_cos", cos.to(buf_device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(buf_device), persistent=False)
 
-    # ------------------------------------------------------------ init
+    # ------------------------------------------------------------ state
+    def shard_specs(self) -> dict[str, ShardSpec]:
+        """{parameter name: ShardSpec} of this chunk. The names are the canonical ones (global layer index);
+        a tied head held apart from the embedding is marked `tied_to="embed.weight"`."""
+        specs = collect_specs(self)
+        if self.head is not None and self.cfg.tie_embeddings:
+            specs["head.weight"] = specs["head.weight"].renamed("head.weight", tied_to="embed.weight")
+        return specs
+
+    def tied_embedding(self) -> Optional[nn.Parameter]:
+        """This chunk's end of an embedding tied ACROSS pipeline stages (the embedding on the first stage,
+        the head copy on the last), or None when the tie is inside this chunk or there is none."""
+        if not self.cfg.tie_embeddings or (self.pre_process and self.post_process):
+            return None
+        if self.pre_process:
+            return self.embed.weight
+        if self.post_process:
+            return self.head.weight
+        return None
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (RoPE tables) after `to_empty` materialised the module."""
+        if self.cfg.position == "rope":
+            cos, sin = ops.rope_cache(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta)
+            self.rope_cos = cos.to(self.rope_cos.device)
+            self.rope_sin = sin.to(self.rope_sin.device)
+
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Normal(0, init_std) for matrices and embeddings, std/sqrt(2*n_layers) for output projections,
-        zeros for biases, ones for norm weights. Each parameter draws from a generator seeded by its name,
-        so every layout (tp, pp) starts from the same full weights. A parameter that is a shard of a larger
-        tensor carries `shard_full(full) -> local` and `full_shape` (set by the tensor-parallel layers)."""
-        cfg = self.cfg
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-                continue
-            if name.endswith(".bias"):
-                p.zero_()
-                continue
-            std = out_std if getattr(p, "is_output_proj", False) else cfg.init_std
-            init_name = "embed.weight" if name == "head.weight" and cfg.tie_embeddings else name
-            gen = torch.Generator().manual_seed(_stable_seed(seed, init_name))
-            full = torch.empty(getattr(p, "full_shape", p.shape), dtype=torch.float32)
-            full.normal_(0.0, std, generator=gen)
-            shard = p.shard_full(full) if hasattr(p, "shard_full") else full
-            p.copy_(shard)
+        """The one initialiser (engine/model/init.py): every layout starts from the same canonical weights."""
+        from engine.model.init import init_parameters
+
+        init_parameters(self, seed)
 
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
@@ -292,7 +315,7 @@ class Transformer(nn.Module):
             return h
         h = self.norm(h)
         weight = self.embed.weight if self.head is None else self.head.weight  # [V/tp, D]
-        return tpl.column_parallel_linear(h, weight, None, self.pstate, sequence_parallel=sp)  # [B, S, V/tp]
+        return column_parallel_linear(h, weight, None, self.pstate, sequence_parallel=sp)  # [B, S, V/tp]
 
     # ------------------------------------------------------------ accounting
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -329,9 +352,11 @@ def count_parameters(cfg: ModelConfig, padded: bool = False) -> int:
 
 def build_model(cfg: ModelConfig, pstate: Optional[ParallelState] = None, seed: int = 1234,
                 device: Optional[torch.device] = None) -> Transformer:
-    """The whole model for a single pipeline stage layout (pp=1); pipeline code builds stages itself."""
-    model = Transformer(cfg, pstate)
-    model.init_weights(seed)
-    if device is not None:
-        model.to(device)
+    """The whole model for a single pipeline stage layout (pp=1): built on the meta device, materialised on
+    `device` (default: pstate.device) and filled by the one initialiser. Pipeline stages: engine/train/build.py."""
+    from engine.model.init import materialize
+
+    pstate = pstate or ParallelState.single()
+    model = Transformer(cfg, pstate, device="meta")
+    materialize(model, device or pstate.device, seed)
     return model

@@ -1,17 +1,15 @@
 """Global gradient norm and clipping across tensor, pipeline and data parallelism.
 
-The norm is the L2 norm of the gradient of the *whole* model, counting every distinct element once:
+The norm is the L2 norm of the gradient of the *whole* model, counting every distinct element once,
+decided by each tensor's sharding spec (engine/parallel/sharding.py, `ShardSpec.counts_once`):
 
-- tensor parallel: a sharded parameter (column/row-parallel weight, vocab-parallel embedding) contributes
-  its shard on every tp rank (on the first holder when `tp_replicas` > 1, e.g. replicated KV heads); a
-  replicated one (norm weights, row-parallel bias) only on tp rank 0 (`counts_once_in_tp`);
-- pipeline parallel: each stage contributes its own layers; a tied embedding held by the first and the
-  last stage counts on the first stage only;
-- data parallel: with replicated gradients nothing is summed over dp; with ZeRO-1 every dp rank holds
-  a disjoint shard of the buffers, so the squares are summed over dp as well.
-
-Parameters are marked by the layers that create them: `param.tensor_parallel`/`tp_replicas` (tp layers),
-`param.shared_embedding_copy` (pipeline/tied.py: the last stage's copy of a tied embedding, not counted).
+- tensor parallel: a sharded parameter contributes its shard on every tp rank (on the first holder when
+  `tp_replicas` > 1, e.g. replicated KV heads); a replicated one (norm weights, row-parallel bias) only on
+  tp rank 0;
+- pipeline parallel: each stage contributes its own layers; the last stage's copy of an embedding tied
+  across stages (`tied_to`) is not counted (the first stage counts the embedding);
+- data parallel: with replicated gradients nothing is summed over dp; with sharded ones (ZeRO-1, FSDP2)
+  every dp rank holds a disjoint part, so the squares are summed over dp as well.
 """
 
 from __future__ import annotations
@@ -22,36 +20,25 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from engine.parallel.sharding import ShardSpec
 from engine.parallel.state import ParallelState
-from engine.parallel.tensor_parallel import counts_once_in_tp
 
-__all__ = ["clip_grad_norm", "grad_norm", "grad_norm_squared", "reduce_norm_squared", "clip_coefficient",
-           "is_pp_tied_copy", "counts_toward_norm"]
+__all__ = ["clip_grad_norm", "grad_norm", "grad_norm_squared", "reduce_norm_squared", "clip_coefficient"]
 
 _EPS = 1e-6  # same as torch.nn.utils.clip_grad_norm_
 
 
-def is_pp_tied_copy(param: torch.Tensor, state: ParallelState) -> bool:
-    """True for the last stage's copy of an embedding tied across pipeline stages (counted once, on the
-    first stage)."""
-    return bool(getattr(param, "shared_embedding_copy", False)) and state.pp > 1
-
-
-def counts_toward_norm(param: torch.Tensor, state: ParallelState) -> bool:
-    # tp rule from the tp layers themselves (`param.tensor_parallel`, `param.tp_replicas`): every shard
-    # once, replicated parameters on tp rank 0, a shard held by several tp ranks on the first of them.
-    return counts_once_in_tp(param, state) and not is_pp_tied_copy(param, state)
-
-
-def grad_norm_squared(pieces: Iterable[tuple[torch.Tensor, torch.Tensor]], state: ParallelState) -> torch.Tensor:
-    """Sum of squares (fp64 scalar) of the local gradient pieces [(grad, owning param)] that count here.
+def grad_norm_squared(pieces: Iterable[tuple[Optional[torch.Tensor], Optional[ShardSpec]]],
+                      pstate: ParallelState) -> torch.Tensor:
+    """Sum of squares (fp64 scalar) of the local gradient pieces [(grad, spec of its parameter)] that count
+    on this rank (a piece without spec always counts: one process, no sharding).
 
     fp32 gradients (main-grad buffers, fp32 master weights) go through one `torch._foreach_norm` per
     device, as torch.nn.utils.clip_grad_norm_ does; other dtypes are reduced one by one in fp32."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    total = torch.zeros((), dtype=torch.float64, device=state.device)
-    for grad, param in pieces:
-        if grad is None or not counts_toward_norm(param, state):
+    total = torch.zeros((), dtype=torch.float64, device=pstate.device)
+    for grad, spec in pieces:
+        if grad is None or (spec is not None and not spec.counts_once(pstate.tp_rank)):
             continue
         if grad.dtype == torch.float32:
             by_device.setdefault(grad.device, []).append(grad)
@@ -63,13 +50,13 @@ def grad_norm_squared(pieces: Iterable[tuple[torch.Tensor, torch.Tensor]], state
     return total
 
 
-def reduce_norm_squared(sq: torch.Tensor, state: ParallelState, over_dp: bool = False) -> torch.Tensor:
+def reduce_norm_squared(sq: torch.Tensor, pstate: ParallelState, over_dp: bool = False) -> torch.Tensor:
     """Sum a local squared norm over the model-parallel group (tp x pp) and, for sharded grads, over dp."""
     sq = sq.detach().clone()
-    if state.tp * state.pp > 1 and state.mp_group is not None:
-        dist.all_reduce(sq, group=state.mp_group)
-    if over_dp and state.dp > 1 and state.dp_group is not None:
-        dist.all_reduce(sq, group=state.dp_group)
+    if pstate.tp * pstate.pp > 1 and pstate.mp_group is not None:
+        dist.all_reduce(sq, group=pstate.mp_group)
+    if over_dp and pstate.dp > 1 and pstate.dp_group is not None:
+        dist.all_reduce(sq, group=pstate.dp_group)
     return sq
 
 
@@ -81,34 +68,29 @@ def clip_coefficient(norm: float, max_norm: float) -> float:
     return min(1.0, max_norm / (norm + _EPS))
 
 
-def _grads(params: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _grads(params: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, None]]:
     out, seen = [], set()
     for p in params:
-        if id(p) in seen:
+        if id(p) in seen or p.grad is None:
             continue
         seen.add(id(p))
-        g = getattr(p, "main_grad", None)
-        g = p.grad if g is None else g
-        if g is not None:
-            out.append((g, p))
+        out.append((p.grad, None))
     return out
 
 
-def grad_norm(params: Iterable[torch.Tensor], state: Optional[ParallelState] = None) -> float:
-    """Global L2 gradient norm of replicated-over-dp gradients (`param.main_grad`, else `param.grad`)."""
-    state = state or ParallelState.single()
-    return float(reduce_norm_squared(grad_norm_squared(_grads(params), state), state).sqrt())
+def grad_norm(params: Iterable[torch.Tensor]) -> float:
+    """L2 norm of the `.grad` of unsharded parameters in one process (as torch.nn.utils.clip_grad_norm_)."""
+    pstate = ParallelState.single()
+    return float(grad_norm_squared(_grads(params), pstate).sqrt())
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, state: Optional[ParallelState] = None) -> float:
-    """Clip gradients in place to a global L2 norm of `max_norm`; return the norm before clipping.
-
-    In one process this equals `torch.nn.utils.clip_grad_norm_(params, max_norm)`. With ZeRO-1 use
-    `DistributedOptimizer.clip_grad_norm`, which sums the dp shards.
-    """
-    state = state or ParallelState.single()
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Clip the `.grad` of unsharded parameters in place to a global L2 norm of `max_norm`; return the norm
+    before clipping. Equals `torch.nn.utils.clip_grad_norm_(params, max_norm)`. The training loop clips
+    through its optimizer (`Optimizer.clip_grad_norm`), which knows the shards."""
+    pstate = ParallelState.single()
     pieces = _grads(params)
-    norm = float(reduce_norm_squared(grad_norm_squared(pieces, state), state).sqrt())
+    norm = float(grad_norm_squared(pieces, pstate).sqrt())
     coef = clip_coefficient(norm, max_norm)
     if coef < 1.0:
         for g, _ in pieces:

@@ -1,30 +1,25 @@
-"""parallel.zero = 3: torch FSDP2 (`fully_shard`) over the dp group, behind the same per-step interface
-as `DataParallel` + `DistributedOptimizer` so the training loop does not branch on the ZeRO level.
+"""parallel.zero = 3: torch FSDP2 (`fully_shard`) over the dp group, behind the same per-step interface as
+`DataParallel`, so the training loop and the optimizer do not branch on the ZeRO level.
 
 Parameters, gradients and optimizer state are all sharded 1/dp (parameters are DTensors after
-`fully_shard`); FSDP2 all-gathers a unit's parameters before its forward/backward and reduce-scatters
-(mean over dp) its gradients in backward. Units: every block of `chunk.layers` when the chunk has one
-(overlaps the next block's all-gather with compute), then the chunk itself (embeddings, head, norms).
+`fully_shard`, split along dim 0); FSDP2 all-gathers a unit's parameters before its forward/backward and
+reduce-scatters (mean over dp) its gradients in backward. Units: every block of `chunk.layers` when the
+chunk has one (overlaps the next block's all-gather with compute), then the chunk itself (embeddings,
+head, norms). Supported at tp = pp = 1 (config validation rejects the rest).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from engine.optim.clip import clip_coefficient, grad_norm_squared, reduce_norm_squared
+from engine.parallel.data_parallel import Segment
 from engine.parallel.state import ParallelState
 
-__all__ = ["FSDPWrapper", "FSDPOptimizer"]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a plain tensor is its own shard)."""
-    return t.to_local() if hasattr(t, "to_local") else t
+__all__ = ["FSDP2"]
 
 
 def _blocks(chunk: nn.Module) -> list[nn.Module]:
@@ -39,30 +34,47 @@ def _blocks(chunk: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-class FSDPWrapper:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a plain tensor is its own shard)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class _ShardGrad:
+    """The local gradient of one FSDP2 parameter, read when the optimizer steps (FSDP2 creates a new
+    gradient DTensor every backward). A parameter without gradient this step steps with zeros, as under
+    DataParallel."""
+
+    def __init__(self, param: nn.Parameter) -> None:
+        self.param = param
+
+    def __call__(self) -> torch.Tensor:
+        g = self.param.grad
+        local = _local(self.param)
+        if g is None:
+            return torch.zeros(local.numel(), dtype=local.dtype, device=local.device)
+        return _local(g).reshape(-1)
+
+
+class FSDP2:
     """`fully_shard` the chunks over the dp mesh; `no_sync`/`finish_grad_sync`/`zero_grad` like DataParallel."""
 
-    def __init__(self, modules: Sequence[nn.Module], state: ParallelState) -> None:
+    def __init__(self, modules: Sequence[nn.Module], pstate: ParallelState) -> None:
         self.modules = list(modules)
-        self.state = state
+        self.pstate = pstate
         self.shard_grads = True
-        names_before = {id(p): (ci, n) for ci, m in enumerate(self.modules) for n, p in m.named_parameters()}
-        if state.is_distributed:
+        if pstate.is_distributed:
             from torch.distributed.fsdp import fully_shard
 
-            mesh = state.mesh["dp"]
+            mesh = pstate.mesh["dp"]
             for m in self.modules:
                 for block in _blocks(m):
                     fully_shard(block, mesh=mesh)
                 fully_shard(m, mesh=mesh)
-        # fully_shard replaces parameters by DTensor parameters: map the old objects to the new ones by name.
-        after = {(ci, n): p for ci, m in enumerate(self.modules) for n, p in m.named_parameters()}
-        self._new_param = {old: after[key] for old, key in names_before.items()}
-        self.params = list(dict.fromkeys(p for m in self.modules for p in m.parameters() if p.requires_grad))
+        self.named = [(n, p) for m in self.modules for n, p in m.named_parameters() if p.requires_grad]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if len(self.modules) != 1:
-            raise RuntimeError("FSDPWrapper over several chunks: call the chunks (wrapper.modules[i]) directly")
+            raise RuntimeError("FSDP2 over several chunks: call the chunks (wrapper.modules[i]) directly")
         return self.modules[0](*args, **kwargs)
 
     def _set_sync(self, on: bool) -> None:
@@ -83,71 +95,27 @@ class FSDPWrapper:
     def set_is_last_microbatch(self, is_last: bool) -> None:
         self._set_sync(is_last)
 
+    def main_grad(self, param: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("FSDP2 keeps gradients as sharded DTensors; use segments()")
+
     def zero_grad(self) -> None:
-        for p in self.params:
+        for _, p in self.named:
             p.grad = None
         self._set_sync(True)
 
     def finish_grad_sync(self) -> None:
         """FSDP2 finishes its reduce-scatters at the end of backward; nothing is left to wait for."""
 
-    def remap_groups(self, groups: list[dict]) -> list[dict]:
-        """Param groups built before sharding -> the same groups over the sharded parameters."""
-        return [{**g, "params": [self._new_param.get(id(p), p) for p in g["params"]]} for g in groups]
+    def sync_params(self) -> None:
+        """Nothing to gather after the step: FSDP2 all-gathers each unit before its next forward."""
 
-    def make_optimizer(self, groups: list[dict], **adam: Any) -> "FSDPOptimizer":
-        return FSDPOptimizer(self, self.remap_groups(groups), **adam)
-
-
-class FSDPOptimizer:
-    """torch AdamW on the sharded (DTensor) parameters, with the DistributedOptimizer's interface."""
-
-    def __init__(self, wrapper: FSDPWrapper, groups: list[dict], **adam: Any) -> None:
-        self.ddp = wrapper
-        self.state = wrapper.state
-        self.inner = torch.optim.AdamW(groups, foreach=False, **adam)
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.inner.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.ddp.zero_grad()
-
-    def _pieces(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(_local(p.grad), p) for p in self.ddp.params if p.grad is not None]
-
-    def local_grads(self) -> list[torch.Tensor]:
-        return [g for g, _ in self._pieces()]
-
-    def grad_norm(self) -> float:
-        over_dp = self.state.is_distributed
-        return float(reduce_norm_squared(grad_norm_squared(self._pieces(), self.state), self.state,
-                                         over_dp=over_dp).sqrt())
-
-    def clip_grad_norm(self, max_norm: float) -> float:
-        norm = self.grad_norm()
-        coef = clip_coefficient(norm, max_norm)
-        if coef < 1.0:
-            with torch.no_grad():
-                for g, _ in self._pieces():
-                    g.mul_(coef)
-        return norm
-
-    @torch.no_grad()
-    def step(self) -> None:
-        # Same semantics as DataParallel: a parameter that got no gradient this step steps with a zero grad.
-        for p in self.ddp.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self.inner.step()
-
-    def state_bytes(self) -> int:
-        return sum(_local(t).numel() * _local(t).element_size() for st in self.inner.state.values()
-                   for t in st.values() if torch.is_tensor(t))
-
-    def state_dict(self) -> dict:
-        return {"format": "tessera.fsdp_optimizer.v1", "optimizer": self.inner.state_dict()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.inner.load_state_dict(copy.deepcopy(sd["optimizer"]))
+    def segments(self) -> list[Segment]:
+        """This rank's dim-0 shard of every parameter (FSDP2's `Shard(0)`: rows [r*ceil(n/dp), ...))."""
+        out = []
+        for name, p in self.named:
+            local = _local(p)
+            rows = p.shape[0] if p.dim() else 1
+            per_rank = -(-rows // self.pstate.dp) if self.pstate.is_distributed else rows  # ceil
+            offset = min(self.pstate.dp_rank * per_rank, rows) * (p.numel() // rows if rows else 0)
+            out.append(Segment(name, local, 0, local.numel(), _ShardGrad(p), offset))
+        return out

@@ -1,7 +1,8 @@
 """Contiguous gradient buffers, split into buckets that are reduced over the data-parallel group.
 
-Every trainable parameter of one dtype gets a slice of one flat buffer; `param.main_grad` is a view of
-that slice (fp32 for bf16/fp16 parameters, so accumulation over micro-batches happens in fp32). The
+Every trainable parameter of one dtype gets a slice of one flat buffer; its "main grad" is a view of that
+slice (fp32 for bf16/fp16 parameters, so accumulation over micro-batches happens in fp32), kept in the
+buffer's own `views` map (keyed by the parameter object's id), never as an attribute of the parameter. The
 buffer is cut into buckets of roughly `bucket_size` elements; a bucket is reduced with ONE collective
 (all-reduce, or reduce-scatter for the ZeRO-1 optimizer) as soon as backward has produced all of its
 gradients, so communication overlaps with the rest of backward.
@@ -17,13 +18,14 @@ the last layers first, so the first bucket fills first.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from engine.parallel.collectives import reduce_scatter_flat
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -96,9 +98,10 @@ class GradBuffer:
         self.param: Optional[torch.Tensor] = None
         if with_param_buffer:
             self.param = torch.zeros(self.numel, dtype=self.param_dtype, device=device)  # (N,)
+        self.views: dict[int, torch.Tensor] = {}  # id(param) -> its main grad, a view of self.grad
         for p in params:
             lo, hi = self.ranges[id(p)]
-            p.main_grad = self.grad[lo:hi].view(p.shape)
+            self.views[id(p)] = self.grad[lo:hi].view(p.shape)
             if self.param is not None:
                 self.param[lo:hi].copy_(p.data.reshape(-1))
                 p.data = self.param[lo:hi].view(p.shape)
@@ -108,19 +111,6 @@ class GradBuffer:
 
 def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
-
-
-def reduce_scatter_tensor(out: torch.Tensor, inp: torch.Tensor, group: Any, async_op: bool) -> Any:
-    # The pre-2.13 name works on torch 2.11 and 2.13 (FACTS.md); 2.13 only warns about the rename.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return dist.reduce_scatter_tensor(out, inp, group=group, async_op=async_op)
-
-
-def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group: Any, async_op: bool) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return dist.all_gather_into_tensor(out, inp, group=group, async_op=async_op)
 
 
 def launch_reduce(bucket: Bucket, group: Any, dp: int, scatter: bool) -> None:
@@ -136,7 +126,7 @@ def launch_reduce(bucket: Bucket, group: Any, dp: int, scatter: bool) -> None:
     if scatter:
         bucket.scattered = torch.empty(bucket.numel // dp, dtype=grad.dtype, device=grad.device)  # (L/dp,)
         # A separate output: gloo gives no guarantee for an output that aliases the input.
-        bucket.work = reduce_scatter_tensor(bucket.scattered, grad, group, async_op=True)
+        bucket.work = reduce_scatter_flat(bucket.scattered, grad, group, async_op=True)
     else:
         bucket.work = dist.all_reduce(grad, group=group, async_op=True)
 

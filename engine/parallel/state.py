@@ -90,6 +90,8 @@ class ParallelState:
     mesh: Any = None
     # engine.parallel.random.RNGStatesTracker: per-tp-rank dropout stream; set by seed_parallel_rng()
     rng_tracker: Any = None
+    # engine.parallel.collectives.CommTimer: set by a benchmark that measures time inside tp collectives
+    comm_timer: Any = None
 
     # ------------------------------------------------------------ queries
     @property
@@ -149,6 +151,12 @@ class ParallelState:
                 os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
                 os.environ.setdefault("MASTER_PORT", env.master_port or "29500")
             backend = "nccl" if dev.type == "cuda" else "gloo"
+            # torch.distributed.nn binds `group=group.WORLD` as default arguments when it is first imported
+            # (torch._dynamo imports it, e.g. when the first optimizer is built). Imported after this call, those
+            # defaults hold the default group for the life of the interpreter: destroy_process_group() cannot
+            # free it and its gloo worker threads run on into interpreter shutdown, where one that drops a
+            # finished collective's tensors aborts the process (SIGABRT). Imported now, they bind None.
+            import torch.distributed.nn  # noqa: F401
             dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                     timeout=datetime.timedelta(minutes=timeout_minutes),
                                     device_id=dev if dev.type == "cuda" else None)
@@ -180,6 +188,9 @@ class ParallelState:
     def destroy(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # torch's DTensor caches (FSDP2, parallel.zero=3) keep the mesh alive: drop the groups it holds
+        # (a private torch attribute, hence getattr) so their gloo threads end now, not at interpreter exit.
+        getattr(self.mesh, "_pg_registry", {}).clear()
 
 
 def all_reduce_max(value: float, state: ParallelState) -> float:

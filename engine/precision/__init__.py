@@ -1,4 +1,4 @@
-"""Mixed precision: bf16/fp16 autocast, dynamic loss scaling (fp8 arrives with its own issue)."""
+"""Mixed precision: bf16/fp16 autocast, dynamic loss scaling (no fp8 yet)."""
 
 from engine.precision.mixed import DTYPES, DynamicLossScaler, autocast, unscale_and_check
 

@@ -1,4 +1,5 @@
-"""The run directory: resolved config, final weights. Files users keep are written atomically."""
+"""The run directory: resolved config (final weights: engine/checkpoint/weights.py). Files users keep are written
+atomically."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import datetime
 import os
 import shutil
 from pathlib import Path
-
-import torch
 
 from engine.config import Config
 
@@ -33,15 +32,3 @@ def prepare_run_dir(out_dir: Path, cfg: Config) -> None:
             shutil.move(str(path), dest / path.name)
         print(f"tessera: {out_dir} held an earlier run; its files were moved to {dest}", flush=True)
     atomic_write_bytes(out_dir / "config.yaml", cfg.to_yaml().encode())
-
-
-def save_final_weights(out_dir: Path, model: torch.nn.Module) -> Path:
-    """model.safetensors with the model's full state (single process). Tied weights are stored once."""
-    from safetensors.torch import save_file
-
-    path = out_dir / "model.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": "pt", "producer": "tessera"})
-    os.replace(tmp, path)
-    return path

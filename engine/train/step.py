@@ -8,11 +8,15 @@ take the model chunks and the micro-batches, run forward and backward with the l
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from engine.model.loss import lm_loss
+from engine.parallel.data_parallel import DataParallel
+from engine.parallel.grad_sync import sync_tp_grads
+from engine.parallel.pipeline.tied import allreduce_tied_embedding_grad
+from engine.parallel.sharding import ShardSpec
 from engine.parallel.state import ParallelState
 
 
@@ -33,19 +37,19 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], voc
     return lm_loss(logits, batch["targets"], vocab_size, batch.get("loss_mask"), fused=fused, pstate=pstate)
 
 
-def forward_backward(model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int,
-                     device: torch.device, vocab_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
-                     loss_scale: float = 1.0, no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+def forward_backward(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], vocab_size: int,
+                     autocast: Callable[[], contextlib.AbstractContextManager], loss_scale: float = 1.0,
+                     no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
                      fused: bool = False, pstate: Optional[ParallelState] = None) -> list[float]:
-    """Gradient accumulation: grads end up as d(mean over micro-batches of loss * loss_scale)/dθ.
+    """Gradient accumulation over `batches` (split by `split_batch`, on the device): grads end up as
+    d(mean over micro-batches of loss * loss_scale)/dθ.
 
     `no_sync` (data parallel) suppresses gradient reduction on every micro-batch but the last.
     Returns the per-micro-batch losses (unscaled floats).
     """
     losses = []
-    it = iter(micro_batches)
-    for i in range(n_micro):
-        batch = split_batch(next(it), device)
+    n_micro = len(batches)
+    for i, batch in enumerate(batches):
         sync_ctx = no_sync() if (no_sync is not None and i < n_micro - 1) else contextlib.nullcontext()
         with sync_ctx:
             with autocast():
@@ -56,13 +60,28 @@ def forward_backward(model: torch.nn.Module, micro_batches: Iterable[dict[str, t
 
 
 @torch.no_grad()
-def forward_only(model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int,
-                 device: torch.device, vocab_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
-                 fused: bool = False, pstate: Optional[ParallelState] = None) -> list[float]:
+def forward_only(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], vocab_size: int,
+                 autocast: Callable[[], contextlib.AbstractContextManager], fused: bool = False,
+                 pstate: Optional[ParallelState] = None) -> list[float]:
     losses = []
-    it = iter(micro_batches)
-    for _ in range(n_micro):
-        batch = split_batch(next(it), device)
+    for batch in batches:
         with autocast():
             losses.append(micro_batch_loss(model, batch, vocab_size, fused, pstate).detach())
     return [float(x) for x in torch.stack(losses).cpu()]
+
+
+def complete_grads(chunks: Sequence[torch.nn.Module], specs: dict[str, ShardSpec], pstate: ParallelState,
+                   ddp: Optional[object] = None, tied: Optional[torch.nn.Parameter] = None) -> None:
+    """After the last backward of a step, in this order: sum the tied embedding copies over the embedding
+    group (pp > 1; `tied` = this rank's end), the data-parallel reduction (`ddp.finish_grad_sync`), then
+    the tp sums the sharding specs ask for (sequence-parallel and replicated-shard gradients). Gradients
+    are the wrapper's main grads, or `param.grad` without a wrapper."""
+    grad_of = ddp.main_grad if isinstance(ddp, DataParallel) else (lambda q: q.grad)
+    if tied is not None:
+        if ddp is None and tied.grad is None:
+            tied.grad = torch.zeros_like(tied)  # this stage's copy got no gradient: the sum still needs it
+        allreduce_tied_embedding_grad(grad_of(tied), pstate)
+    if ddp is not None:
+        ddp.finish_grad_sync()
+    if pstate.tp > 1 and (ddp is None or isinstance(ddp, DataParallel)):  # FSDP2 runs at tp = 1 only
+        sync_tp_grads(((grad_of(q), specs[n]) for c in chunks for n, q in c.named_parameters()), pstate)

@@ -1,7 +1,7 @@
 """Every kernel, forward and all gradients, against its fp32 torch reference (kernels/checks.py).
 
 Small shapes run everywhere (CPU: the Triton interpreter, bf16 included); the realistic bf16
-shapes of the issue (GQA 16/4 heads at N=1999, head dims 64/128/256, 8191x4096 norms,
+shapes (GQA 16/4 heads at N=1999, head dims 64/128/256, 8191x4096 norms,
 8191x14336 SwiGLU, 4097x128256 cross entropy) need a CUDA GPU and are marked `gpu`.
 """
 import pytest

@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root, so `tests.dist_utils` imports
-from engine.optim.clip import clip_grad_norm, grad_norm  # noqa: E402
 from engine.optim.adamw import param_groups  # noqa: E402
-from engine.parallel.data_parallel import DataParallel, wrap_data_parallel  # noqa: E402
-from engine.parallel.distributed_optimizer import DistributedOptimizer  # noqa: E402
-from engine.parallel.pipeline.tied import allreduce_tied_embedding_grads, sync_tied_embeddings  # noqa: E402
+from engine.optim.clip import clip_grad_norm, grad_norm, grad_norm_squared, reduce_norm_squared  # noqa: E402
+from engine.optim.optimizer import Optimizer  # noqa: E402
+from engine.parallel.data_parallel import DataParallel  # noqa: E402
+from engine.parallel.pipeline.tied import allreduce_tied_embedding_grad, sync_tied_embedding  # noqa: E402
+from engine.parallel.sharding import ShardSpec, collect_specs, replicated  # noqa: E402
 from engine.parallel.state import ParallelState  # noqa: E402
+from engine.train.build import wrap_data_parallel  # noqa: E402
 from tests.dist_utils import run_distributed  # noqa: E402
 
 V, D, H, T = 16, 8, 16, 4  # vocab, width, mlp width, sequence length
@@ -45,6 +47,13 @@ class TinyLM(nn.Module):
         h = self.emb(x)  # (B, T, D)
         h = h + self.fc2(F.gelu(self.fc1(self.norm1(h))))
         return self.head(self.norm2(h))  # (B, T, V)
+
+
+def optimizer_for(ddp: DataParallel, model: nn.Module, lr: float = LR, weight_decay: float = 0.0) -> Optimizer:
+    """The engine's one optimizer over a DataParallel's segments (plain torch modules: replicated specs)."""
+    return Optimizer(ddp.segments(), collect_specs(model, default_replicated=True), ddp.pstate, lr=lr,
+                     weight_decay=weight_decay, grads_sharded=ddp.shard_grads and ddp.dp > 1,
+                     after_step=ddp.sync_params, zero_grad=ddp.zero_grad)
 
 
 def make_model() -> TinyLM:
@@ -82,7 +91,8 @@ def dp_run(state: ParallelState, zero: int, accum: int, overlap: bool, bucket_si
     model = make_model()
     cfg = SimpleNamespace(parallel=SimpleNamespace(zero=zero),
                           optim=SimpleNamespace(lr=LR, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.1))
-    ddp, opt = wrap_data_parallel(model, None, cfg, state, bucket_size=bucket_size, overlap=overlap)
+    specs = collect_specs(model, default_replicated=True)
+    ddp, opt = wrap_data_parallel([model], specs, cfg, state, bucket_size=bucket_size, overlap=overlap)
     per_rank = GLOBAL_BATCH // state.dp
     mb = per_rank // accum
     norms = []
@@ -131,7 +141,7 @@ def _dp_cases(rank: int, world: int) -> dict:
     model2 = make_model()
     model2.load_state_dict(ddp.modules[0].state_dict())
     ddp2 = DataParallel(model2, state, bucket_size=100, shard_grads=True)
-    opt2 = DistributedOptimizer(ddp2, param_groups(model2.named_parameters(), 0.1), lr=LR, weight_decay=0.1)
+    opt2 = optimizer_for(ddp2, model2, weight_decay=0.1)
     opt2.load_state_dict(sd)
     x, y = batches()[0]
     for d, o in ((ddp, opt), (ddp2, opt2)):
@@ -157,22 +167,22 @@ class _Holder(nn.Module):
 class _Stage(nn.Module):
     """One of two 'pipeline stages' that both use the tied table E (D x D here) and their own layer.
 
-    E sits where the real model keeps a tied embedding, which is what engine/parallel/pipeline/tied.py
-    reads: `embed.weight` on the first stage (`pre_process`), `head.weight` on the last (`post_process`),
-    and `cfg.tie_embeddings`. So the test drives the pipeline's own functions, not a copy of them."""
+    E sits where the real model keeps a tied embedding (`embed.weight` on the first stage, a `head.weight`
+    copy on the last, whose spec says `tied_to="embed.weight"`), and the test drives the pipeline's own
+    functions on it (sync_tied_embedding, allreduce_tied_embedding_grad), not a copy of them."""
 
     def __init__(self, stage: int) -> None:
         super().__init__()
         torch.manual_seed(0)
         e, a, b = torch.randn(D, D), torch.randn(D, D), torch.randn(D)
-        self.cfg = SimpleNamespace(tie_embeddings=True)
-        self.pre_process, self.post_process = stage == 0, stage == 1
         if stage == 0:
             self.embed = _Holder(e)
         else:
             self.head = _Holder(e)
         self.own = nn.Parameter((a if stage == 0 else b).clone())
         self.stage = stage
+        if stage == 1:  # as Transformer.shard_specs() marks a last stage's tied head
+            self.param_specs = {"head.weight": ShardSpec("head.weight", (D, D), tied_to="embed.weight")}
 
     @property
     def tied(self) -> nn.Parameter:
@@ -190,8 +200,8 @@ def _pp_tied_run(stages: list, x_parts: list, ddp, opt, state=None) -> None:
         with ddp.no_sync():  # as the pipeline executor: hold the dp reduction for the whole schedule
             loss = sum(st(x) for st, x in zip(stages, x_parts[step]))
             loss.backward()
-            if state is not None:  # the executor's call: sum the tied copies' main grads over the two stages
-                allreduce_tied_embedding_grads(stages, state)
+            if state is not None:  # the trainer's call: sum the tied copies' main grads over the two stages
+                allreduce_tied_embedding_grad(ddp.main_grad(stages[0].tied), state)
         ddp.finish_grad_sync()
         opt.clip_grad_norm(0.05)
         opt.step()
@@ -208,24 +218,26 @@ def _pp_tied_case(zero: int) -> float:
     s1.head.weight = s0.embed.weight
     ref_model = nn.ModuleList([s0, s1])
     ref_ddp = DataParallel(ref_model, ParallelState.single(), bucket_size=10)
-    ref_opt = DistributedOptimizer(ref_ddp, param_groups(ref_model.named_parameters(), 0.1), lr=LR, weight_decay=0.1)
+    ref_opt = optimizer_for(ref_ddp, ref_model, weight_decay=0.1)
     _pp_tied_run([s0, s1], [[x, x] for x in xs], ref_ddp, ref_opt)
-    # this rank: its stage only, its half of the batch; the pipeline's own set-up makes the copies equal
-    # and marks the last stage's copy (counted once in the grad norm)
+    # this rank: its stage only, its half of the batch; the pipeline's own set-up makes the copies equal,
+    # and the copy's spec (tied_to) keeps it out of the grad norm
     st = _Stage(state.pp_rank)
     with torch.no_grad():
-        st.tied.mul_(1.0 + state.pp_rank)  # a different start on stage 1: sync_tied_embeddings must fix it
-    sync_tied_embeddings([st], state)
+        st.tied.mul_(1.0 + state.pp_rank)  # a different start on stage 1: sync_tied_embedding must fix it
+    sync_tied_embedding(st.tied, state)
     ddp = DataParallel(st, state, bucket_size=10, shard_grads=zero == 1)
-    opt = DistributedOptimizer(ddp, param_groups(st.named_parameters(), 0.1), lr=LR, weight_decay=0.1)
+    opt = optimizer_for(ddp, st, weight_decay=0.1)
     half = [x[state.dp_rank * 4:(state.dp_rank + 1) * 4] for x in xs]
     _pp_tied_run([st], [[x] for x in half], ddp, opt, state)
     ref = {"tied": s0.tied, "own": (s0 if state.pp_rank == 0 else s1).own}
-    return max(float((getattr(st, k) - v).abs().max() / v.abs().max()) for k, v in ref.items())
+    return max(float((getattr(st, k).detach() - v.detach()).abs().max() / v.detach().abs().max())
+               for k, v in ref.items())
 
 
 def _tp_pp_norm_case(rank: int) -> tuple[float, float]:
-    """pp=2 x tp=2: tp-sharded weights, tp-replicated norms, an embedding tied across the two stages."""
+    """pp=2 x tp=2: tp-sharded weights, tp-replicated norms, an embedding tied across the two stages; the
+    norm code the optimizer uses (grad_norm_squared + reduce_norm_squared), driven by the specs."""
     state = ParallelState.initialize(tp=2, pp=2, dp=1, device="cpu")
     g = torch.Generator().manual_seed(5)
     W = [torch.randn(8, 6, generator=g) for _ in range(2)]  # per stage, split over tp along dim 0
@@ -233,17 +245,11 @@ def _tp_pp_norm_case(rank: int) -> tuple[float, float]:
     E = torch.randn(D, D, generator=g)  # on the first and last stage (tied), replicated over tp
     expected = (sum(w.square().sum() for w in W) + sum(v.square().sum() for v in n) + E.square().sum()).sqrt()
     s, t = state.pp_rank, state.tp_rank
-    params = []
-    for full, sharded in ((W[s].chunk(2, 0)[t], True), (n[s], False)):
-        p = nn.Parameter(torch.zeros_like(full))
-        p.grad = full.clone()
-        p.tensor_parallel = sharded
-        params.append(p)
-    stage = _Stage(s)  # E as the pipeline holds a tied embedding; sync_tied_embeddings marks the copy
-    sync_tied_embeddings([stage], state)
-    stage.tied.grad = E.clone()
-    params.append(stage.tied)
-    return grad_norm(params, state), float(expected)
+    pieces = [(W[s].chunk(2, 0)[t].clone(), ShardSpec(f"w{s}", (8, 6), split_dim=0, split_sizes=(8,), tp=2)),
+              (n[s].clone(), replicated(f"n{s}", (6,), tp=2)),
+              (E.clone(), ShardSpec("embed.weight", (D, D), tp=2, tied_to=None if s == 0 else "embed.weight"))]
+    sq = reduce_norm_squared(grad_norm_squared(pieces, state), state)
+    return float(sq.sqrt()), float(expected)
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +310,7 @@ def test_buffer_layout_tied_unused_and_accumulation():
     assert len(ddp.params) == len(params) == len({id(p) for p in params})
     assert sum(b.numel for b in ddp.buckets) == ddp.buffers[0].numel >= sum(p.numel() for p in params)
     for p in params:
-        assert p.main_grad.data_ptr() >= ddp.buffers[0].grad.data_ptr()
+        assert ddp.main_grad(p).data_ptr() >= ddp.buffers[0].grad.data_ptr()
     x, y = batches()[0]
     ref = make_model()
     loss_fn(ref, x[:4], y[:4]).backward()
@@ -317,9 +323,9 @@ def test_buffer_layout_tied_unused_and_accumulation():
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert p.grad is None  # moved into the buffer by the hook
         if q.grad is None:
-            assert name.startswith("unused") and p.main_grad.abs().sum() == 0
+            assert name.startswith("unused") and ddp.main_grad(p).abs().sum() == 0
         else:
-            torch.testing.assert_close(p.main_grad, q.grad, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(ddp.main_grad(p), q.grad, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("overlap, sync, launched_early", [(True, True, True), (False, True, False),
@@ -363,8 +369,8 @@ def test_bf16_params_get_fp32_main_grads_and_masters():
     model = make_model().to(torch.bfloat16)
     state = ParallelState.single()
     ddp = DataParallel(model, state, bucket_size=100, shard_grads=True)
-    opt = DistributedOptimizer(ddp, param_groups(model.named_parameters(), 0.1), lr=LR)
-    assert all(p.main_grad.dtype == torch.float32 for p in model.parameters())
+    opt = optimizer_for(ddp, model)
+    assert all(ddp.main_grad(p).dtype == torch.float32 for p in model.parameters())
     x, y = batches()[0]
     before = model.fc1.weight.detach().clone()
     opt.zero_grad()
@@ -376,7 +382,7 @@ def test_bf16_params_get_fp32_main_grads_and_masters():
     n = sum(p.numel() for p in ddp.params)
     assert opt.state_bytes() >= 12 * n
     sd = opt.state_dict()
-    assert len(sd["masters"]) == len(opt.segments)
+    assert len(sd["slots"]) == len(opt.slots) and all(x["master"].dtype == torch.float32 for x in sd["slots"])
 
 
 @pytest.mark.gpu
@@ -386,7 +392,7 @@ def test_cuda_bf16_zero1_single_process():
     ref_norms, ref_params = reference_run()
     model = make_model().cuda().to(torch.bfloat16)
     ddp = DataParallel(model, ParallelState.single("cuda"), bucket_size=100, shard_grads=True)
-    opt = DistributedOptimizer(ddp, param_groups(model.named_parameters(), 0.1), lr=LR, weight_decay=0.1)
+    opt = optimizer_for(ddp, model, weight_decay=0.1)
     assert ddp.buffers[0].grad.is_cuda and ddp.buffers[0].grad.dtype == torch.float32
     norms = []
     for x, y in batches():

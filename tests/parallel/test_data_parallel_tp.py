@@ -1,7 +1,7 @@
 """The documented call sequence on the real Transformer: tp=2 (sequence parallel, GQA) x dp=2, ZeRO-1,
 gradient accumulation, clipping -- losses and grad norms equal to one process (1e-5 relative, 3 steps).
 
-It checks the integration contract in docs/parallelism.md: `allreduce_sequence_parallel_grads` after
+It checks the integration contract in docs/parallelism.md: `sync_tp_grads` on the main grads after
 `finish_grad_sync` (also under ZeRO-1), tp-aware grad norm over sharded buffers.
 """
 
@@ -15,11 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root, so `t
 from engine.config import ModelConfig  # noqa: E402
 from engine.model.loss import lm_loss  # noqa: E402
 from engine.model.transformer import build_model  # noqa: E402
-from engine.optim.adamw import param_groups  # noqa: E402
+from engine.optim.optimizer import Optimizer  # noqa: E402
 from engine.parallel.data_parallel import DataParallel  # noqa: E402
-from engine.parallel.distributed_optimizer import DistributedOptimizer  # noqa: E402
+from engine.parallel.grad_sync import sync_tp_grads  # noqa: E402
 from engine.parallel.state import ParallelState  # noqa: E402
-from engine.parallel.tensor_parallel import allreduce_sequence_parallel_grads  # noqa: E402
 from tests.dist_utils import run_distributed  # noqa: E402
 
 VOCAB, SEQ, GLOBAL_BATCH, ACCUM, STEPS = 64, 8, 8, 2, 3
@@ -33,7 +32,9 @@ def _cfg() -> ModelConfig:
 def _train(state: ParallelState, zero: int) -> tuple[list[float], list[float]]:
     model = build_model(_cfg(), state if state.is_distributed else None, seed=7)
     ddp = DataParallel(model, state, bucket_size=2000, shard_grads=zero == 1)
-    opt = DistributedOptimizer(ddp, param_groups(model.named_parameters(), 0.1), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    specs = model.shard_specs()
+    opt = Optimizer(ddp.segments(), specs, state, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                    grads_sharded=zero == 1 and state.dp > 1, after_step=ddp.sync_params, zero_grad=ddp.zero_grad)
     g = torch.Generator().manual_seed(2)
     per_rank = GLOBAL_BATCH // state.dp
     mb = per_rank // ACCUM
@@ -51,7 +52,7 @@ def _train(state: ParallelState, zero: int) -> tuple[list[float], list[float]]:
                 (loss / ACCUM).backward()
             total += float(loss.detach()) / ACCUM
         ddp.finish_grad_sync()
-        allreduce_sequence_parallel_grads(model, state)
+        sync_tp_grads(((ddp.main_grad(p), specs[n]) for n, p in model.named_parameters()), state)
         norms.append(opt.clip_grad_norm(0.3))
         opt.step()
         losses.append(total)

@@ -35,8 +35,18 @@ def _cfg(tie: bool = False, n_layers: int = 8):
 
 
 def _micro_batches(seed: int) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches as the trainer hands them to a step: split into inputs/targets, on the device."""
+    from engine.train.step import split_batch
+
     g = torch.Generator().manual_seed(seed)
-    return [{"tokens": torch.randint(0, 61, (MB, SEQ + 1), generator=g)} for _ in range(N_MICRO)]
+    return [split_batch({"tokens": torch.randint(0, 61, (MB, SEQ + 1), generator=g)}, torch.device("cpu"))
+            for _ in range(N_MICRO)]
+
+
+def _loss_fn(cfg, pstate):
+    from engine.model.loss import lm_loss
+
+    return lambda logits, batch: lm_loss(logits, batch["targets"], cfg.vocab_size, pstate=pstate)
 
 
 def _reference(cfg, batches, seed: int = 7):
@@ -45,8 +55,7 @@ def _reference(cfg, batches, seed: int = 7):
     from engine.train.step import forward_backward
 
     model = build_model(cfg, seed=seed)
-    losses = forward_backward(model, batches, N_MICRO, torch.device("cpu"), cfg.vocab_size,
-                              autocast=lambda: __import__("contextlib").nullcontext())
+    losses = forward_backward(model, batches, cfg.vocab_size, autocast=lambda: __import__("contextlib").nullcontext())
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     if cfg.tie_embeddings:
         grads["head.weight"] = grads["embed.weight"]  # the last stage's copy of the shared weight
@@ -58,26 +67,37 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _local(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """The part of a full-model tensor that this rank's (possibly tensor-parallel) parameter holds."""
-    return p.shard_full(full) if hasattr(p, "shard_full") else full
+def _local(spec, full: torch.Tensor, pstate) -> torch.Tensor:
+    """The part of a full-model (runtime-shaped) tensor that this rank's parameter holds."""
+    return spec.shard_runtime(full, pstate.tp_rank)
+
+
+def _pipeline(pstate, cfg, chunks, batches, schedule: str, ddp=None, store=None) -> list[float]:
+    """One training step's forward/backward through the executor, then the gradient completion the trainer
+    does (tied copies, dp reduction, tp sums): engine.train.step.complete_grads."""
+    from engine.parallel.pipeline.executor import forward_backward_pipeline
+    from engine.train.build import chunk_specs, tied_embedding
+    from engine.train.step import complete_grads
+
+    losses = forward_backward_pipeline(chunks, batches, pstate, schedule=schedule, loss_fn=_loss_fn(cfg, pstate),
+                                       seq_len=SEQ, micro_batch_size=MB, d_model=cfg.d_model, ddp=ddp,
+                                       wgrad_store=store)
+    complete_grads(chunks, chunk_specs(chunks), pstate, ddp, tied_embedding(chunks))
+    return losses
 
 
 def _dp_case(pstate, cfg, schedule: str, seed: int = 7) -> dict:
-    """pp x dp with the DataParallel grad buffer: main_grad = mean of the replicas' single-process grads."""
+    """pp x dp with the DataParallel grad buffer: main grad = mean of the replicas' single-process grads."""
     from engine.parallel.data_parallel import DataParallel
-    from engine.parallel.pipeline.executor import forward_backward_pipeline
-    from engine.parallel.pipeline.stages import build_stage_chunks
+    from engine.train.build import build_chunks, chunk_specs
 
     refs = [_reference(cfg, _micro_batches(100 + d), seed)[1] for d in range(pstate.dp)]
-    chunks = build_stage_chunks(cfg, pstate, seed=seed)
+    chunks = build_chunks(cfg, pstate, seed=seed)
+    specs = chunk_specs(chunks)
     ddp = DataParallel(chunks, pstate, bucket_size=4096)
     ddp.zero_grad()
-    forward_backward_pipeline(chunks, _micro_batches(100 + pstate.dp_rank), N_MICRO, pstate, schedule=schedule,
-                              seq_len=SEQ, micro_batch_size=MB, d_model=cfg.d_model, vocab_size=cfg.vocab_size,
-                              ddp=ddp)
-    ddp.finish_grad_sync()
-    err = max(_rel(p.main_grad, _local(p, sum(r[n] for r in refs) / len(refs)))
+    _pipeline(pstate, cfg, chunks, _micro_batches(100 + pstate.dp_rank), schedule, ddp=ddp)
+    err = max(_rel(ddp.main_grad(p), _local(specs[n], sum(r[n] for r in refs) / len(refs), pstate))
               for c in chunks for n, p in c.named_parameters())
     ddp.remove_hooks()
     return {"grad_err": err, "loss_err": 0.0}
@@ -85,36 +105,31 @@ def _dp_case(pstate, cfg, schedule: str, seed: int = 7) -> dict:
 
 def _eval_case(pstate, cfg, vpp: int, seed: int = 7) -> dict:
     from engine.parallel.pipeline.executor import forward_only_pipeline
-    from engine.parallel.pipeline.stages import build_stage_chunks
+    from engine.train.build import build_chunks
 
     batches = _micro_batches(100 + pstate.dp_rank)
     ref_losses = _reference(cfg, batches, seed)[0]
-    chunks = build_stage_chunks(cfg, pstate, seed=seed, vpp=vpp)
-    losses = forward_only_pipeline(chunks, batches, N_MICRO, pstate, seq_len=SEQ, micro_batch_size=MB,
-                                   d_model=cfg.d_model, vocab_size=cfg.vocab_size)
+    chunks = build_chunks(cfg, pstate, seed=seed, vpp=vpp)
+    losses = forward_only_pipeline(chunks, batches, pstate, loss_fn=_loss_fn(cfg, pstate), seq_len=SEQ,
+                                   micro_batch_size=MB, d_model=cfg.d_model)
     return {"grad_err": 0.0, "loss_err": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))}
 
 
 def _run_case(pstate, cfg, schedule: str, vpp: int, layout=None, seed: int = 7) -> dict:
-    from engine.parallel.pipeline.executor import forward_backward_pipeline
-    from engine.parallel.pipeline.stages import build_stage_chunks
+    from engine.parallel.pipeline.weight_grad import WeightGradStore
+    from engine.train.build import build_chunks, chunk_specs
 
     batches = _micro_batches(100 + pstate.dp_rank)
     ref_losses, ref_grads, _ = _reference(cfg, batches, seed)
-    chunks = build_stage_chunks(cfg, pstate, seed=seed, layout=layout, vpp=vpp)
-    losses = forward_backward_pipeline(chunks, batches, N_MICRO, pstate, schedule=schedule, seq_len=SEQ,
-                                       micro_batch_size=MB, d_model=cfg.d_model, vocab_size=cfg.vocab_size)
-    if pstate.tp > 1:
-        from engine.parallel.tensor_parallel import allreduce_sequence_parallel_grads
-
-        for c in chunks:  # sequence-parallel / replicated-shard grads, as after any tp backward
-            allreduce_sequence_parallel_grads(c, pstate)
-    grad_err = max(_rel(p.grad, _local(p, ref_grads[n])) for c in chunks for n, p in c.named_parameters())
+    chunks = build_chunks(cfg, pstate, seed=seed, layout=layout, vpp=vpp)
+    specs = chunk_specs(chunks)
+    store = WeightGradStore()
+    losses = _pipeline(pstate, cfg, chunks, batches, schedule, store=store)
+    grad_err = max(_rel(p.grad, _local(specs[n], ref_grads[n], pstate)) for c in chunks for n, p in c.named_parameters())
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
     grads = {n: p.grad.clone() for c in chunks for n, p in c.named_parameters()}
-    store = getattr(chunks[0], "_pp_wgrad_store", None)
-    deferred = store.n_deferred_layers if store is not None else 0  # linears whose dW ran in W
-    return {"grad_err": grad_err, "loss_err": loss_err, "grads": grads, "deferred": deferred}
+    return {"grad_err": grad_err, "loss_err": loss_err, "grads": grads,
+            "deferred": store.n_deferred_layers}  # linears whose dW ran in W
 
 
 def _tied_steps(pstate, steps: int = 3, seed: int = 7) -> dict:
@@ -122,25 +137,22 @@ def _tied_steps(pstate, steps: int = 3, seed: int = 7) -> dict:
     import torch.distributed as dist
 
     from engine.model.transformer import build_model
-    from engine.parallel.pipeline.executor import forward_backward_pipeline
-    from engine.parallel.pipeline.stages import build_stage_chunks
+    from engine.train.build import build_chunks
     from engine.train.step import forward_backward
 
     cfg = _cfg(tie=True, n_layers=4)
     ref = build_model(cfg, seed=seed)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    chunks = build_stage_chunks(cfg, pstate, seed=seed)
+    chunks = build_chunks(cfg, pstate, seed=seed)
     params = [p for c in chunks for p in c.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-2)
     for step in range(steps):
         batches = _micro_batches(1000 + step)
         ref_opt.zero_grad()
-        forward_backward(ref, batches, N_MICRO, torch.device("cpu"), cfg.vocab_size,
-                         autocast=lambda: __import__("contextlib").nullcontext())
+        forward_backward(ref, batches, cfg.vocab_size, autocast=lambda: __import__("contextlib").nullcontext())
         ref_opt.step()
         opt.zero_grad()
-        forward_backward_pipeline(chunks, batches, N_MICRO, pstate, schedule="1f1b", seq_len=SEQ,
-                                  micro_batch_size=MB, d_model=cfg.d_model, vocab_size=cfg.vocab_size)
+        _pipeline(pstate, cfg, chunks, batches, "1f1b")
         opt.step()
     # Compare the first stage's embedding with the last stage's head copy over the embedding group.
     mine = None

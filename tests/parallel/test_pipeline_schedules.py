@@ -210,18 +210,21 @@ def test_executor_single_stage_matches_step():
     from engine.model.transformer import build_model
     from engine.parallel.pipeline.executor import forward_backward_pipeline
     from engine.parallel.state import ParallelState
-    from engine.train.step import forward_backward
+    from engine.model.loss import lm_loss
+    from engine.train.step import forward_backward, split_batch
 
     cfg = ModelConfig(vocab_size=61, vocab_pad_multiple=8, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64,
                       max_seq_len=16)
     g = torch.Generator().manual_seed(0)
-    batches = [{"tokens": torch.randint(0, 61, (2, 9), generator=g)} for _ in range(4)]
+    batches = [split_batch({"tokens": torch.randint(0, 61, (2, 9), generator=g)}, torch.device("cpu"))
+               for _ in range(4)]
     ref, model = build_model(cfg, seed=3), build_model(cfg, seed=3)
-    ref_losses = forward_backward(ref, batches, 4, torch.device("cpu"), 61, autocast=contextlib.nullcontext)
+    ref_losses = forward_backward(ref, batches, 61, autocast=contextlib.nullcontext)
     for schedule in ("1f1b", "zb"):
         model.zero_grad()
-        losses = forward_backward_pipeline([model], batches, 4, ParallelState.single(), schedule=schedule,
-                                           seq_len=8, micro_batch_size=2, d_model=32, vocab_size=61)
+        losses = forward_backward_pipeline([model], batches, ParallelState.single(), schedule=schedule,
+                                           loss_fn=lambda logits, b: lm_loss(logits, b["targets"], 61),
+                                           seq_len=8, micro_batch_size=2, d_model=32)
         assert losses == pytest.approx(ref_losses, rel=1e-6)
         for (n, p), q in zip(model.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)

@@ -154,9 +154,9 @@ def _layer_errors(state: ParallelState) -> dict:
     (y * tpl.shard_tensor(w, 2, sizes, r, tp)).sum().backward()
     (yref * w).sum().backward()
     err["col_dx"] = _maxdiff(xin.grad, shard_seq(xref.grad))
-    err["col_dw"] = _maxdiff(tpl.gather_tensor(col.weight.grad, col.weight, state), ref.weight.grad)
-    err["col_db"] = _maxdiff(tpl.gather_tensor(col.bias.grad, col.bias, state), ref.bias.grad)
-    err["col_w"] = _maxdiff(tpl.gather_tensor(col.weight.data, col.weight, state), ref.weight)
+    err["col_dw"] = _maxdiff(tpl.gather_tensor(col.weight.grad, col.param_specs["weight"], state), ref.weight.grad)
+    err["col_db"] = _maxdiff(tpl.gather_tensor(col.bias.grad, col.param_specs["bias"], state), ref.bias.grad)
+    err["col_w"] = _maxdiff(tpl.gather_tensor(col.weight.data, col.param_specs["weight"], state), ref.weight)
 
     # Column-parallel with replicated shards (K/V when tp > n_kv_heads): 2 ranks hold each shard and each
     # uses it with its own downstream weights; the replicas' partial weight gradients must be summed.
@@ -172,9 +172,9 @@ def _layer_errors(state: ParallelState) -> dict:
     sum((yref.chunk(n_sh, dim=-1)[q // 2] * w_all[q]).sum() for q in range(tp)).backward()
     tpl.allreduce_sequence_parallel_grads(rep, state)
     err["rep_dx"] = _maxdiff(xin.grad, shard_seq(xref.grad))
-    err["rep_dw"] = _maxdiff(tpl.gather_tensor(rep.weight.grad, rep.weight, state), rref.weight.grad)
-    err["rep_db"] = _maxdiff(tpl.gather_tensor(rep.bias.grad, rep.bias, state), rref.bias.grad)
-    err["rep_shard_full"] = _maxdiff(rep.weight.shard_full(rref.weight.detach()), rep.weight)
+    err["rep_dw"] = _maxdiff(tpl.gather_tensor(rep.weight.grad, rep.param_specs["weight"], state), rref.weight.grad)
+    err["rep_db"] = _maxdiff(tpl.gather_tensor(rep.bias.grad, rep.param_specs["bias"], state), rref.bias.grad)
+    err["rep_shard_full"] = _maxdiff(rep.param_specs["weight"].shard_canonical(rref.weight.detach(), r), rep.weight)
 
     # Row-parallel: input split along features, output all-reduced (or reduce-scattered along the sequence).
     row = tpl.RowParallelLinear(H, D, state, seed=4)
@@ -189,9 +189,9 @@ def _layer_errors(state: ParallelState) -> dict:
     (oref * w).sum().backward()
     tpl.allreduce_sequence_parallel_grads(row, state)
     err["row_dx"] = _maxdiff(hin.grad, href.grad.chunk(tp, dim=-1)[r])
-    err["row_dw"] = _maxdiff(tpl.gather_tensor(row.weight.grad, row.weight, state), rref.weight.grad)
+    err["row_dw"] = _maxdiff(tpl.gather_tensor(row.weight.grad, row.param_specs["weight"], state), rref.weight.grad)
     err["row_db"] = _maxdiff(row.bias.grad, rref.bias.grad)
-    err["row_bias_marked"] = float(getattr(row.bias, "sequence_parallel", False) != sp)
+    err["row_bias_marked"] = float(row.param_specs["bias"].sequence_parallel != sp)
 
     # Vocab-parallel embedding.
     emb = tpl.VocabParallelEmbedding(V, D, state, seed=5)
@@ -202,7 +202,7 @@ def _layer_errors(state: ParallelState) -> dict:
     w = torch.randn(eref_out.shape, generator=gen)
     (e * shard_seq(w)).sum().backward()
     (eref_out * w).sum().backward()
-    err["emb_dw"] = _maxdiff(tpl.gather_tensor(emb.weight.grad, emb.weight, state), eref.weight.grad)
+    err["emb_dw"] = _maxdiff(tpl.gather_tensor(emb.weight.grad, emb.param_specs["weight"], state), eref.weight.grad)
 
     # Vocab-parallel cross entropy with padded vocabulary and ignore_index.
     logits = torch.randn(B, S, V, generator=gen) * 3
@@ -264,8 +264,8 @@ def test_counts_once_in_tp_for_norms():
     counted = {"shard": [], "rep": [], "replicated": []}
     for r in range(4):
         st = ParallelState(tp=4, tp_rank=r, world_size=4)
-        counted["shard"].append(tpl.counts_once_in_tp(tpl.ColumnParallelLinear(4, 8, st).weight, st))
-        counted["rep"].append(tpl.counts_once_in_tp(tpl.ColumnParallelLinear(4, 8, st, replicas=2).weight, st))
-        counted["replicated"].append(tpl.counts_once_in_tp(tpl.RowParallelLinear(8, 4, st).bias, st))
+        counted["shard"].append(tpl.ColumnParallelLinear(4, 8, st).param_specs["weight"].counts_once(r))
+        counted["rep"].append(tpl.ColumnParallelLinear(4, 8, st, replicas=2).param_specs["weight"].counts_once(r))
+        counted["replicated"].append(tpl.RowParallelLinear(8, 4, st).param_specs["bias"].counts_once(r))
     assert counted == {"shard": [True] * 4, "rep": [True, False, True, False],
                        "replicated": [True, False, False, False]}

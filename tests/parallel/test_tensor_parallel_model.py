@@ -52,11 +52,11 @@ def _train(cfg: ModelConfig, pstate: ParallelState) -> tuple[list[float], dict[s
         loss = lm_loss(model(inputs), targets, VOCAB, pstate=pstate)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        tpl.allreduce_sequence_parallel_grads(model, pstate)  # what the training loop calls after backward
+        tpl.allreduce_sequence_parallel_grads(model, pstate)  # the tp gradient sums the training loop does
         if step == 0:
+            specs = model.shard_specs()
             for name, p in model.named_parameters():
-                g = tpl.gather_tensor(p.grad, p, pstate)
-                grads[name] = g[:VOCAB] if name in ("embed.weight", "head.weight") else g  # drop vocab padding
+                grads[name] = tpl.gather_tensor(p.grad, specs[name], pstate)  # canonical: real vocabulary
         opt.step()
         losses.append(loss.item())
     return losses, grads
@@ -116,7 +116,9 @@ def test_tp1_model_has_plain_parameter_names():
     assert names["layers.0.attn.q_proj.weight"].shape == (64, 64)
     assert names["layers.0.attn.k_proj.weight"].shape == (32, 64)
     assert names["layers.1.mlp.down_proj.weight"].shape == (64, 128)
-    assert names["embed.weight"].shape == (56, 64) and names["head.weight"].shape == (56, 64)
+    assert names["embed.weight"].shape == (56, 64) and names["head.weight"].shape == (56, 64)  # padded at run time
+    specs = model.shard_specs()
+    assert specs["embed.weight"].global_shape == (VOCAB, 64) and specs["head.weight"].global_shape == (VOCAB, 64)
 
 
 def test_invalid_tp_splits_are_clear():

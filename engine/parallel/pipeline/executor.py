@@ -4,82 +4,64 @@ engine.train.step.forward_backward.
 Contract (same as the single-stage step): gradients end up as
 d(mean over micro-batches of loss * loss_scale)/dθ on every stage's parameters, and the
 unscaled per-micro-batch losses are returned on every pipeline rank (computed on the last
-stage, broadcast over the pp group).
+stage, broadcast over the pp group). The caller gives the micro-batches and the loss function: the
+executor knows schedules and stages, not the model or the training loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.model.loss import lm_loss
 from engine.parallel.pipeline.p2p import StageP2P, activation_shape
 from engine.parallel.pipeline.schedules import Schedule, ScheduleError, build_schedule
-from engine.parallel.pipeline.tied import allreduce_tied_embedding_grads
 from engine.parallel.pipeline.weight_grad import WeightGradStore, defer_weight_grads
 from engine.parallel.state import ParallelState
-from engine.train.step import split_batch
+
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def _nullctx() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _default_loss_fn(vocab_size: int, fused: bool, pstate: ParallelState
-                     ) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
-    """lm_loss on the last stage (vocab-parallel at tp > 1), with the batch made by step.split_batch."""
-    def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return lm_loss(logits, batch["targets"], vocab_size, batch.get("loss_mask"), fused=fused, pstate=pstate)
-    return loss_fn
-
-
-def prepare_zero_bubble(chunks: Sequence[nn.Module]) -> WeightGradStore:
-    """The store that holds deferred weight gradients between B and W (one per set of chunks, reused)."""
-    store = getattr(chunks[0], "_pp_wgrad_store", None)
-    if store is None:
-        store = WeightGradStore()
-        chunks[0]._pp_wgrad_store = store
-    return store
-
-
 def forward_backward_pipeline(
     chunks: Sequence[nn.Module],
-    micro_batches: Iterable[dict[str, torch.Tensor]],
-    n_micro: int,
+    batches: Sequence[dict[str, torch.Tensor]],
     pstate: ParallelState,
     *,
     schedule: Union[str, Schedule],
+    loss_fn: LossFn,
     seq_len: int,
     micro_batch_size: int,
     d_model: int,
-    vocab_size: int,
     device: Optional[torch.device] = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = _nullctx,
     loss_scale: float = 1.0,
     comm_dtype: torch.dtype = torch.float32,
-    fused: bool = False,
-    sync_tied: bool = True,
     ddp: Optional[object] = None,
-    loss_fn: Optional[Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]] = None,
+    wgrad_store: Optional[WeightGradStore] = None,
 ) -> list[float]:
-    """Forward and backward of `n_micro` micro-batches over the pipeline, following `schedule`.
+    """Forward and backward of the micro-batches `batches` over the pipeline, following `schedule`.
 
     chunks: this rank's model chunks, chunk c = virtual stage c*pp + pp_rank.
-    micro_batches: dicts with "tokens" [B, S+1] (+ optional position_ids/doc_ids/loss_mask); every pp rank
-      passes the same stream (first and last stage use tokens; all use position/doc ids).
+    batches: one dict per micro-batch, already on the device: "inputs" [B, S] token ids and whatever
+      `loss_fn` and the model read ("targets", optional "position_ids" / "doc_ids" / "loss_mask"); every pp
+      rank passes the same micro-batches (first and last stage use the tokens; all use position/doc ids).
+    loss_fn(logits, batch) -> scalar loss of one micro-batch on the last stage.
     The boundary tensors are [micro_batch_size, seq_len (/tp if sequence parallel), d_model] in comm_dtype.
-    sync_tied: all-reduce tied-embedding gradients over the embedding group at the end.
-    ddp: the DataParallel wrapper of these chunks, if any. Its reductions are held back for the whole
+    ddp: the data-parallel wrapper of these chunks, if any. Its reductions are held back for the whole
       schedule (a chunk's gradients are complete only after its last B/W, and tied embeddings must be
-      summed first); call ddp.finish_grad_sync() after this returns, as for pp=1.
-    loss_fn(logits, batch) -> scalar loss on the last stage; default engine.model.loss.lm_loss with
-      batch["targets"] and the optional batch["loss_mask"] (batch as made by engine.train.step.split_batch).
+      summed first); sum the tied copies and call ddp.finish_grad_sync() after this returns, as for pp=1.
+    wgrad_store: where zero-bubble schedules keep deferred weight gradients between B and W (a new one
+      when None).
     """
     device = device or pstate.device
+    n_micro = len(batches)
     pp, r, vpp = pstate.pp, pstate.pp_rank, len(chunks)
     if pp == 1 and vpp > 1:
         raise ValueError("pipeline executor: several chunks need pp > 1 (with pp=1 use one model chunk)")
@@ -87,28 +69,23 @@ def forward_backward_pipeline(
     if sched.pp != pp or sched.vpp != vpp or sched.num_micro != n_micro:
         raise ScheduleError(f"schedule is for pp={sched.pp}, vpp={sched.vpp}, m={sched.num_micro}; this run has "
                             f"pp={pp}, {vpp} chunks, {n_micro} micro-batches")
-    store = prepare_zero_bubble(chunks) if sched.split_backward else None
+    store = None
+    if sched.split_backward:
+        store = wgrad_store if wgrad_store is not None else WeightGradStore()
+        store.grad_target = getattr(ddp, "main_grad", None) if ddp is not None else None
     shape = activation_shape(micro_batch_size, seq_len, d_model, pstate.tp, pstate.sequence_parallel)
     comm = StageP2P(pstate, vpp, n_micro, shape, comm_dtype, device)
-
-    # Same data stream on every pp rank; token ids are tiny, so take all micro-batches up front.
-    it = iter(micro_batches)
-    batches = [split_batch(next(it), device) for _ in range(n_micro)]
     losses: dict[int, torch.Tensor] = {}
-    loss_fn = loss_fn or _default_loss_fn(vocab_size, fused, pstate)
 
     with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
-        _run_actions(sched, chunks, comm, store, batches, losses, r, loss_scale / n_micro, loss_fn, autocast)
+        _run_actions(sched, chunks, comm, store, list(batches), losses, r, loss_scale / n_micro, loss_fn, autocast)
     comm.wait_sends()
-
-    if sync_tied:
-        allreduce_tied_embedding_grads(chunks, pstate)
     return _broadcast_losses(losses, n_micro, pstate, device)
 
 
 def _run_actions(sched: Schedule, chunks: Sequence[nn.Module], comm: StageP2P, store: Optional[WeightGradStore],
                  batches: list[dict[str, torch.Tensor]], losses: dict[int, torch.Tensor], r: int, scale: float,
-                 loss_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+                 loss_fn: LossFn,
                  autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
     """This rank's action list: F receives/computes/sends, B receives a gradient/backprops/sends, W flushes."""
     last_stage = sched.num_stages - 1
@@ -150,32 +127,27 @@ def _run_actions(sched: Schedule, chunks: Sequence[nn.Module], comm: StageP2P, s
 @torch.no_grad()
 def forward_only_pipeline(
     chunks: Sequence[nn.Module],
-    micro_batches: Iterable[dict[str, torch.Tensor]],
-    n_micro: int,
+    batches: Sequence[dict[str, torch.Tensor]],
     pstate: ParallelState,
     *,
+    loss_fn: LossFn,
     seq_len: int,
     micro_batch_size: int,
     d_model: int,
-    vocab_size: int,
     device: Optional[torch.device] = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = _nullctx,
     comm_dtype: torch.dtype = torch.float32,
-    fused: bool = False,
-    loss_fn: Optional[Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]] = None,
 ) -> list[float]:
     """Evaluation: forwards only (micro-batch by micro-batch, each through this rank's chunks in stage
-    order), per-micro-batch losses returned on every pp rank. The pp > 1 version of step.forward_only."""
+    order), per-micro-batch losses returned on every pp rank. Batches and loss_fn as for the training step."""
     device = device or pstate.device
+    n_micro = len(batches)
     pp, r, vpp = pstate.pp, pstate.pp_rank, len(chunks)
     shape = activation_shape(micro_batch_size, seq_len, d_model, pstate.tp, pstate.sequence_parallel)
     comm = StageP2P(pstate, vpp, n_micro, shape, comm_dtype, device)
-    loss_fn = loss_fn or _default_loss_fn(vocab_size, fused, pstate)
     last_stage = pp * vpp - 1
     losses: dict[int, torch.Tensor] = {}
-    it = iter(micro_batches)
-    for mb in range(n_micro):
-        batch = split_batch(next(it), device)
+    for mb, batch in enumerate(batches):
         for c in range(vpp):
             s = c * pp + r
             x = batch["inputs"] if s == 0 else comm.recv_forward(mb, c)

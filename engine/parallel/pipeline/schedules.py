@@ -10,55 +10,22 @@ Communication is not listed: it is implied by dependencies. Virtual stage `s = c
 stage s goes to stage s+1; the input gradient of B on stage s goes to stage s-1. The same action
 lists drive the simulator (simulator.py) and the executor (executor.py), so what the simulator
 says is what the processes run.
+
+The types live in actions.py (re-exported here); this module imports the simulator, never the
+other way round: the zero-bubble builder simulates its candidates and keeps the shortest.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
-Kind = Literal["F", "B", "W"]
+from engine.parallel.pipeline.actions import Action, Kind, Schedule, ScheduleError
+from engine.parallel.pipeline.simulator import Costs, simulate
+
+__all__ = ["SCHEDULES", "Action", "Kind", "Schedule", "ScheduleError", "build_schedule", "gpipe", "interleaved",
+           "one_f_one_b", "zero_bubble", "zero_bubble_deferred_w", "zero_bubble_greedy"]
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
-
-
-class ScheduleError(ValueError):
-    """An impossible schedule request (sizes) or an action list that cannot run (deadlock)."""
-
-
-@dataclass(frozen=True)
-class Action:
-    kind: Kind
-    mb: int  # micro-batch index, 0..num_micro-1
-    chunk: int = 0  # model chunk on this rank (interleaved); 0 otherwise
-
-    def __repr__(self) -> str:
-        return f"{self.kind}{self.mb}" + (f".{self.chunk}" if self.chunk else "")
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Per-rank action lists plus the sizes needed to interpret them."""
-
-    name: str
-    pp: int
-    vpp: int
-    num_micro: int
-    actions: tuple[tuple[Action, ...], ...]  # actions[rank] = ordered actions of that rank
-
-    @property
-    def num_stages(self) -> int:
-        return self.pp * self.vpp
-
-    @property
-    def split_backward(self) -> bool:
-        """True when B is input-grad only and W runs the weight gradient (zero-bubble)."""
-        return any(a.kind == "W" for acts in self.actions for a in acts)
-
-    def stage(self, rank: int, chunk: int) -> int:
-        return chunk * self.pp + rank
-
-    def rank_chunk(self, stage: int) -> tuple[int, int]:
-        return stage % self.pp, stage // self.pp
 
 
 # --------------------------------------------------------------------------- builders
@@ -228,8 +195,6 @@ def zero_bubble(pp: int, num_micro: int, cost_f: float = 1.0, cost_b: float = 1.
     1F1B with W's deferred on later ranks (ZB-H1's shape; with 0 deferral it equals 1F1B, so the
     result is never slower than 1F1B under these costs) and a greedy list schedule.
     """
-    from engine.parallel.pipeline.simulator import Costs, simulate  # simulator imports this module
-
     costs = Costs(f=cost_f, b=cost_b + cost_w, w=cost_w)
     candidates = [zero_bubble_deferred_w(pp, num_micro, [0] * pp),
                   zero_bubble_deferred_w(pp, num_micro, list(range(pp))),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.parallel.pipeline.schedules import Action, Schedule, ScheduleError
+from engine.parallel.pipeline.actions import Action, Schedule, ScheduleError
 
 
 @dataclass(frozen=True)

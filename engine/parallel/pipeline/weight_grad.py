@@ -10,14 +10,15 @@ a custom autograd Function whose backward returns dX (and the bias grad) and rec
 `W.grad`, in micro-batch order, so the sums match plain autograd accumulation.
 
 Data parallelism: deferred weights get their gradient outside autograd, so post-accumulate-grad
-hooks do not fire for them; W adds into `param.main_grad` when the DataParallel grad buffer
-exists (what its hook would have done), and the executor keeps DP reductions for after the step.
+hooks do not fire for them; W adds into the data-parallel main grad when the store has a
+`grad_target` (what the hook would have done: the executor sets it to `ddp.main_grad`), and the
+executor keeps DP reductions for after the step.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Hashable, Iterator, Optional
+from typing import Any, Callable, Hashable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,9 @@ from torch.overrides import TorchFunctionMode
 class WeightGradStore:
     """Pending (weight, input, grad_output) triples, grouped by the key of the backward that made them."""
 
-    def __init__(self) -> None:
+    def __init__(self, grad_target: Optional[Callable[[nn.Parameter], torch.Tensor]] = None) -> None:
+        # parameter -> the tensor its weight gradient accumulates into (None: weight.grad)
+        self.grad_target = grad_target
         self._key: Optional[Hashable] = None
         self._pending: dict[Hashable, list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]] = {}
         self.n_deferred_layers = 0  # linear calls routed through the deferring Function (statistics, tests)
@@ -54,7 +57,7 @@ class WeightGradStore:
         """W pass: dW = dY^T X for every linear recorded under `key`, accumulated into weight.grad."""
         for weight, x, gy in self._pending.pop(key, []):
             gw = gy.reshape(-1, gy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))  # [out, in]
-            main = getattr(weight, "main_grad", None)
+            main = self.grad_target(weight) if self.grad_target is not None else None
             if main is not None:  # data-parallel grad buffer (engine/parallel/data_parallel.py)
                 main.add_(gw.to(main.dtype))
             elif weight.grad is None:

@@ -1,0 +1,293 @@
+"""The Trainer: everything one training run holds, and the one training step.
+
+    trainer = Trainer(cfg, pstate)        # tokenizer, model chunks, data-parallel wrapper, optimizer, data
+    for _ in range(cfg.train.iters):
+        out = trainer.train_step()         # forward/backward over the micro-batches, reduce, clip, update
+    trainer.evaluate()                     # {validation set: mean loss}
+    sd = trainer.state_dict()              # what a resume needs (this rank's part)
+
+The step dispatches on pipeline parallelism in exactly one place (`_forward_backward`, `_forward_only`).
+Everything else is the same for every layout: data-parallel main grads, tp gradient sums driven by the
+sharding specs, the one optimizer. `state_dict()` holds the iteration, the consumed samples (in total and
+per dataset), the LR schedule position, the loss scaler, this rank's RNG streams (torch, CUDA, numpy,
+python, the tp tracker), the model (this rank's parameters by canonical name) and the optimizer;
+`load_state_dict` restores them so that training continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from engine.config import Config, ConfigError
+from engine.data import PretrainingSampler, Tokenizer, build_datasets, build_tokenizer
+from engine.model.loss import lm_loss
+from engine.optim import lr_at
+from engine.parallel.pipeline.executor import forward_backward_pipeline, forward_only_pipeline
+from engine.parallel.random import seed_parallel_rng
+from engine.parallel.state import ParallelState, all_reduce_max
+from engine.precision import DynamicLossScaler, autocast, unscale_and_check
+from engine.train.build import Built, build
+from engine.train.step import complete_grads, forward_backward, forward_only, split_batch
+from engine.checkpoint.weights import save_weights
+
+__all__ = ["StepResult", "Trainer", "resolve_vocab"]
+
+STATE_FORMAT = "tessera.trainer.v1"
+
+
+def resolve_vocab(cfg: Config) -> Tokenizer:
+    """Build the configured tokenizer and fill model.vocab_size from it (0 = take the tokenizer's), or fail
+    if the model's vocabulary is smaller than the tokenizer's."""
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r})")
+    return tokenizer
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch
+    lr: float
+    grad_norm: float  # nan for a skipped (overflowing) step
+    skipped: bool
+    seconds: float
+
+
+def _loader(dataset, sampler: PretrainingSampler) -> Iterator[dict]:
+    # Samples are memory-mapped windows: a worker-less DataLoader only stacks them.
+    return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=0))
+
+
+def _sync_mean(values: list[float], group, device: torch.device) -> float:
+    """Mean of `values` over this rank and the ranks of `group` (e.g. data-parallel replicas)."""
+    t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return float(t[0] / t[1])
+
+
+class Trainer:
+    """One run's state and step. `cfg` must be validated; `pstate` describes this rank."""
+
+    def __init__(self, cfg: Config, pstate: ParallelState, tokenizer: Optional[Tokenizer] = None) -> None:
+        self.cfg, self.pstate = cfg, pstate
+        t = cfg.train
+        seed_parallel_rng(t.seed, pstate)  # default stream per pp stage + a per-tp-rank stream for dropout
+        self.tokenizer = tokenizer or resolve_vocab(cfg)  # it fixes the vocabulary the model is built for
+        self.out_dir = Path(t.out_dir)
+        self.built: Built = build(cfg, pstate)
+        self.scaler = DynamicLossScaler(cfg.precision.initial_loss_scale, cfg.precision.loss_scale_window,
+                                        cfg.precision.hysteresis, cfg.precision.min_loss_scale) \
+            if cfg.precision.dtype == "fp16" else None
+        self.n_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self._build_data()
+        self._fused = cfg.model.fused_ops
+
+    # ------------------------------------------------------------ data
+    def _build_data(self) -> None:
+        cfg, pstate, t = self.cfg, self.pstate, self.cfg.train
+        train_samples = t.iters * t.global_batch_size
+        eval_runs = (t.iters // t.eval_interval + 1) if t.eval_interval else 0
+        valid_samples = t.eval_iters * t.global_batch_size if eval_runs else 0
+        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out_dir / "data_cache"
+        barrier = (lambda: dist.barrier()) if pstate.is_distributed else (lambda: None)
+        self.train_set, self.valid_sets = build_datasets(cfg, self.tokenizer, max(train_samples, 1), valid_samples,
+                                                         cache_dir, is_builder=pstate.is_rank0, barrier=barrier)
+        self._total_samples = max(train_samples, t.global_batch_size)
+        self._open_train_iter()
+
+    def _open_train_iter(self) -> None:
+        t = self.cfg.train
+        sampler = PretrainingSampler(self._total_samples, self.consumed_samples, t.micro_batch_size,
+                                     self.pstate.dp_rank, self.pstate.dp, global_batch_size=t.global_batch_size)
+        self._train_iter = _loader(self.train_set, sampler)
+
+    def _next_batches(self) -> list[dict[str, torch.Tensor]]:
+        return [split_batch(next(self._train_iter), self.pstate.device) for _ in range(self.n_micro)]
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def chunks(self):
+        return self.built.chunks
+
+    @property
+    def model(self):
+        """The first model chunk (the whole model at pp = 1)."""
+        return self.built.chunks[0]
+
+    @property
+    def optimizer(self):
+        return self.built.optimizer
+
+    def _autocast(self) -> Any:
+        return autocast(self.cfg.precision.dtype, self.pstate.device)
+
+    def _loss_fn(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return lm_loss(logits, batch["targets"], self.cfg.model.vocab_size, batch.get("loss_mask"),
+                       fused=self._fused, pstate=self.pstate)
+
+    def count_parameters(self) -> int:
+        """Parameters of the whole canonical model (collective: every rank calls it)."""
+        r = self.pstate.tp_rank
+        n = sum(s.canonical_numel_held(r) for s in self.built.specs.values() if s.counts_once(r))
+        if self.pstate.is_distributed:
+            t = torch.tensor([n], dtype=torch.float64, device=self.pstate.device)
+            dist.all_reduce(t, group=self.pstate.mp_group)
+            n = int(t.item())
+        return n
+
+    # ------------------------------------------------------------ the step
+    def _forward_backward(self, batches: list[dict[str, torch.Tensor]], scale: float) -> list[float]:
+        """The ONE place that dispatches on pipeline parallelism for training."""
+        b, p, t = self.built, self.cfg.parallel, self.cfg.train
+        if self.pstate.pp > 1:
+            return forward_backward_pipeline(
+                b.chunks, batches, self.pstate, schedule=p.schedule, loss_fn=self._loss_fn, seq_len=self.cfg.seq_len,
+                micro_batch_size=t.micro_batch_size, d_model=self.cfg.model.d_model, autocast=self._autocast,
+                loss_scale=scale, ddp=b.ddp)
+        return forward_backward(b.forward, batches, self.cfg.model.vocab_size, self._autocast, loss_scale=scale,
+                                no_sync=b.ddp.no_sync, fused=self._fused, pstate=self.pstate)
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over one global batch."""
+        t0 = time.perf_counter()
+        b, o = self.built, self.cfg.optim
+        lr = lr_at(self.iteration, o, self.cfg.train.iters)
+        b.optimizer.set_lr(lr)
+        b.ddp.zero_grad()
+        scale = self.scaler.scale if self.scaler else 1.0
+        losses = self._forward_backward(self._next_batches(), scale)
+        complete_grads(b.chunks, b.specs, self.pstate, b.ddp, b.tied)  # tied copies, dp mean, tp sums
+        found_inf = False
+        if self.scaler is not None:
+            found_inf = all_reduce_max(float(unscale_and_check(b.optimizer.local_grads(), scale)), self.pstate) > 0
+            self.scaler.update(found_inf)
+        if found_inf:
+            grad_norm = float("nan")
+        else:
+            grad_norm = b.optimizer.clip_grad_norm(o.grad_clip)  # norm over tp, pp and dp shards, once each
+            b.optimizer.step()
+        loss = _sync_mean(losses, self.pstate.dp_group, self.pstate.device)
+        self.iteration += 1
+        self.consumed_samples += self.cfg.train.global_batch_size
+        if self.pstate.device.type == "cuda":
+            torch.cuda.synchronize(self.pstate.device)
+        return StepResult(loss, lr, grad_norm, found_inf, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------ evaluation
+    def _forward_only(self, batches: list[dict[str, torch.Tensor]]) -> list[float]:
+        """The ONE place that dispatches on pipeline parallelism for evaluation."""
+        b, t = self.built, self.cfg.train
+        if self.pstate.pp > 1:
+            return forward_only_pipeline(b.chunks, batches, self.pstate, loss_fn=self._loss_fn,
+                                         seq_len=self.cfg.seq_len, micro_batch_size=t.micro_batch_size,
+                                         d_model=self.cfg.model.d_model, autocast=self._autocast)
+        # the eager chunk: a compiled forward would compile again for no_grad evaluation
+        return forward_only(b.chunks[0], batches, self.cfg.model.vocab_size, self._autocast, fused=self._fused,
+                            pstate=self.pstate)
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the first `eval_iters` global batches of each validation set (the same batches
+        every time; Megatron's convention: global batches, so the value does not depend on the dp size)."""
+        for c in self.chunks:
+            c.eval()
+        out = {}
+        t = self.cfg.train
+        for name, ds in self.valid_sets.items():
+            n = min(t.eval_iters, len(ds) // t.global_batch_size) * self.n_micro  # micro-batches on this rank
+            if n == 0:
+                continue
+            total = n // self.n_micro * t.global_batch_size
+            sampler = PretrainingSampler(total, 0, t.micro_batch_size, self.pstate.dp_rank, self.pstate.dp,
+                                         global_batch_size=t.global_batch_size)
+            it = _loader(ds, sampler)
+            batches = [split_batch(next(it), self.pstate.device) for _ in range(n)]
+            out[name] = _sync_mean(self._forward_only(batches), self.pstate.dp_group, self.pstate.device)
+        for c in self.chunks:
+            c.train()
+        return out
+
+    def close(self) -> None:
+        """Release what ties this run to its process groups: the data-parallel grad hooks are bound methods
+        held by the parameters' C++ side, a cycle gc cannot free, which would keep the wrapper, the
+        ParallelState and every group (and its gloo threads) alive until interpreter shutdown."""
+        remove = getattr(self.built.ddp, "remove_hooks", None)
+        if remove is not None:
+            remove()
+
+    # ------------------------------------------------------------ weights
+    def save_weights(self, path: Path) -> Optional[Path]:
+        """model.safetensors with canonical names from this layout (collective; the file is written by rank 0)."""
+        return save_weights(path, self.chunks, self.cfg.model, self.pstate, layout=self.cfg.parallel.pp_layout)
+
+    # ------------------------------------------------------------ state
+    def _rng_state(self) -> dict:
+        st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+              "tracker": self.pstate.rng_tracker.get_states() if self.pstate.rng_tracker is not None else {}}
+        if torch.cuda.is_available():
+            st["cuda"] = torch.cuda.get_rng_state_all()
+        return st
+
+    def _set_rng_state(self, st: dict) -> None:
+        torch.set_rng_state(st["torch"])
+        np.random.set_state(st["numpy"])
+        random.setstate(st["python"])
+        if self.pstate.rng_tracker is not None and st.get("tracker"):
+            self.pstate.rng_tracker.set_states(st["tracker"])
+        if "cuda" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda"])
+
+    def state_dict(self) -> dict:
+        """This rank's part of everything a resume needs (see the module docstring). Model tensors are this
+        rank's parameters under their names, with their specs alongside (canonical name, global shape,
+        split), so a checkpoint writer can place them in the canonical tensors."""
+        b = self.built
+        return {
+            "format": STATE_FORMAT,
+            "iteration": self.iteration,
+            "consumed_samples": self.consumed_samples,
+            "consumed_per_dataset": self.train_set.samples_drawn(self.consumed_samples),
+            "schedule": {"iteration": self.iteration, "total_iters": self.cfg.train.iters},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": {"rank": self.pstate.rank, **self._rng_state()},
+            "model": {n: q.detach().clone() for c in b.chunks for n, q in c.named_parameters()},
+            "specs": dict(b.specs),
+            "optimizer": b.optimizer.state_dict(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore a state taken by `state_dict` on the same layout and rank."""
+        if sd.get("format") != STATE_FORMAT:
+            raise ValueError(f"trainer state: expected format {STATE_FORMAT!r}, found {sd.get('format')!r}")
+        if sd["rng"]["rank"] != self.pstate.rank:
+            raise ValueError(f"trainer state of rank {sd['rng']['rank']} cannot be loaded on rank {self.pstate.rank}")
+        params = {n: q for c in self.chunks for n, q in c.named_parameters()}
+        if set(sd["model"]) != set(params):
+            raise ValueError(f"trainer state holds other parameters: missing {sorted(set(params) - set(sd['model']))[:5]}, "
+                             f"unexpected {sorted(set(sd['model']) - set(params))[:5]}")
+        for n, q in params.items():
+            if tuple(sd["model"][n].shape) != tuple(q.shape):
+                raise ValueError(f"trainer state: {n} has shape {tuple(sd['model'][n].shape)}, expected {tuple(q.shape)}")
+            q.copy_(sd["model"][n])
+        self.built.optimizer.load_state_dict(sd["optimizer"])
+        if self.scaler is not None and sd["scaler"] is not None:
+            self.scaler.load_state_dict(sd["scaler"])
+        self.iteration = int(sd["iteration"])
+        self.consumed_samples = int(sd["consumed_samples"])
+        self._open_train_iter()  # before the RNG: opening a DataLoader iterator draws from torch's generator
+        self._set_rng_state(sd["rng"])
