@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
+import traceback
 from typing import Optional
 
 from engine import __version__
+from engine.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, RunDirError, TesseraError
 
 # Subcommands implemented by their own module's `main(argv) -> int` (they parse their own flags).
 DELEGATED = {
@@ -26,7 +31,11 @@ TOKENIZER_CMDS = {
     "train": ("engine.data.tokenizer_train", "Train a SentencePiece tokenizer (bpe or unigram)."),
 }
 
-EPILOG = """examples:
+EPILOG = """exit codes: 0 done, 2 configuration, 3 data, 4 tokenizer, 5 checkpoint, 6 run directory or file
+system, 7 numerical fault, 8 a peer rank died or a collective timed out, 130 interrupted, 143 terminated;
+one line per error (add --debug, or set TESSERA_DEBUG=1, for the traceback).
+
+examples:
   tessera train examples/tiny.yaml
   tessera train examples/tiny.yaml train.iters=50 optim.lr=1e-3
   torchrun --nproc-per-node 8 -m engine train examples/llama_1b.yaml parallel.tp=2
@@ -52,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "pipeline and data parallelism.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"tessera {__version__}")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error too (or TESSERA_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     tr = sub.add_parser("train", help="Train a model from a YAML config (plus a.b=c overrides).",
@@ -130,27 +140,77 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from engine.config import ConfigError
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception in the main thread so `finally` blocks run (locks, files)."""
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # Delegated commands keep all their flags (including --help) for their own parser.
-    if argv and argv[0] in DELEGATED:
-        return _delegate(DELEGATED[argv[0]][0], argv[1:])
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "train":
-            return _cmd_train(args)
-        if args.command == "config":
-            return _cmd_config(args)
-        if args.command == "generate":
-            return _cmd_generate(args)
-        if args.command == "tokenizer":
-            return _delegate(TOKENIZER_CMDS[args.action][0], args.args)
-        if args.command == "bench":
-            return _delegate(BENCHES[args.name][0], args.args)
-    except ConfigError as e:
-        print(f"tessera: error: {e}", file=sys.stderr)
-        return 2
+
+def _on_sigterm(signum, frame) -> None:  # noqa: ANN001 - signal handler protocol
+    raise Terminated()
+
+
+def _where() -> str:
+    """' (rank R/W)' inside a multi-process launch, so each rank's one line says whose it is."""
+    world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    return f" (rank {rank}/{world})" if world not in ("", "1") else ""
+
+
+def _os_error_line(e: OSError) -> str:
+    what = e.filename if e.filename is not None else "file system"
+    return f"{what}: {e.strerror or e}"
+
+
+def _one_line(e: BaseException) -> tuple[str, int]:
+    """The one line printed for a user-facing error or an interrupt, and its exit code."""
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted{_where()} (SIGINT); the run stopped, files already written are kept", EXIT_INTERRUPTED
+    if isinstance(e, Terminated):
+        return f"terminated{_where()} (SIGTERM); the run stopped, files already written are kept", EXIT_TERMINATED
+    if isinstance(e, OSError) and not isinstance(e, TesseraError):
+        return f"error{_where()}: {_os_error_line(e)}", RunDirError.exit_code
+    return f"error{_where()}: {e}", e.exit_code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        return _cmd_train(args)
+    if args.command == "config":
+        return _cmd_config(args)
+    if args.command == "generate":
+        return _cmd_generate(args)
+    if args.command == "tokenizer":
+        return _delegate(TOKENIZER_CMDS[args.action][0], args.args)
+    if args.command == "bench":
+        return _delegate(BENCHES[args.name][0], args.args)
     _parser().print_help()
     return 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The one error path of the CLI: a user-facing error (engine.errors.TesseraError: config, data,
+    tokenizer, checkpoint, run directory, numerical fault, peer failure) or a file-system error prints ONE
+    line and exits with its documented code; `--debug` or TESSERA_DEBUG=1 also prints the traceback. An
+    interrupt prints one line (exit 130 for SIGINT, 143 for SIGTERM). Anything else is a bug: traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("TESSERA_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv.remove("--debug")
+        debug = True
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        # Delegated commands keep all their flags (including --help) for their own parser.
+        if argv and argv[0] in DELEGATED:
+            return _delegate(DELEGATED[argv[0]][0], argv[1:])
+        args = _parser().parse_args(argv)
+        return _dispatch(args)
+    except (TesseraError, OSError, KeyboardInterrupt, Terminated) as e:
+        if debug:
+            traceback.print_exc()
+        line, code = _one_line(e)
+        print(f"tessera: {line}", file=sys.stderr, flush=True)
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,9 +23,53 @@ import yaml
 from engine.errors import ConfigError
 
 
-def _doc(text: str, **kw: Any) -> Any:
-    """A dataclass field whose documentation lives in its metadata (shown by `config show --doc`)."""
-    return field(metadata={"doc": text}, **kw)
+class _Bounds(typing.NamedTuple):
+    """An interval of valid values, written as in mathematics: "[0, 1)", "(0, inf)", "[1, inf)"."""
+
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "_Bounds":
+        m = re.fullmatch(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*", text)
+        if m is None:
+            raise ValueError(f"bad interval {text!r}")
+        lo, hi = (float(x) if "." in x or "inf" in x or "e" in x else int(x) for x in (m[2], m[3]))
+        return cls(lo, hi, m[1] == "(", m[4] == ")")
+
+    def __contains__(self, x: object) -> bool:
+        return (self.lo < x if self.lo_open else self.lo <= x) and (x < self.hi if self.hi_open else x <= self.hi)
+
+    def describe(self, integer: bool) -> str:
+        """'a positive integer', 'a finite number > 0', 'a number in [0, 1)' ..."""
+        if self.hi == math.inf:
+            if integer and (self.lo, self.lo_open) in ((1, False), (0, True)):
+                return "a positive integer"
+            if integer and (self.lo, self.lo_open) == (0, False):
+                return "a non-negative integer"
+            return f"{'an integer' if integer else 'a finite number'} {'>' if self.lo_open else '>='} {self.lo}"
+        interval = f"{'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        return f"{'an integer' if integer else 'a number'} in {interval}"
+
+
+def _doc(text: str, *, bounds: Optional[str] = None, path: Optional[str] = None, **kw: Any) -> Any:
+    """A dataclass field whose documentation lives in its metadata (shown by `config show --doc`).
+
+    `bounds`: the interval of valid values of a number (or of each number of a list), checked by
+    `validate` (every float field must also be finite). `path`: the field is a path, described so
+    (e.g. "a directory path"): it must not be empty or blank (null stays allowed where the type allows it).
+    """
+    meta: dict[str, Any] = {"doc": text}
+    if bounds is not None:
+        meta["bounds"] = _Bounds.parse(bounds)
+    if path is not None:
+        meta["path"] = path
+    return field(metadata=meta, **kw)
+
+
+_SEED_BOUNDS = f"[0, {2 ** 32 - 1}]"
 
 
 # --------------------------------------------------------------------------- sections
@@ -35,34 +81,37 @@ class ModelConfig:
         "Name of a preset in engine/model/presets.py (gpt2, gpt2-medium, llama, llama2-7b, llama3-8b, "
         "qwen2, mistral, tiny ...). Its values are applied first; fields given here override them.",
         default=None)
-    vocab_size: int = _doc("Tokenizer vocabulary size (before padding). 0 = take it from the tokenizer.", default=0)
+    vocab_size: int = _doc("Tokenizer vocabulary size (before padding). 0 = take it from the tokenizer.", default=0,
+                      bounds="[0, inf)")
     vocab_pad_multiple: int = _doc(
         "Pad the embedding/output vocabulary to a multiple of this (and of tp) for fast matmuls; "
-        "padded logits never enter the loss.", default=128)
-    d_model: int = _doc("Hidden size.", default=512)
-    n_layers: int = _doc("Number of transformer blocks.", default=8)
-    n_heads: int = _doc("Number of attention (query) heads.", default=8)
+        "padded logits never enter the loss.", default=128, bounds="[1, inf)")
+    d_model: int = _doc("Hidden size.", default=512, bounds="[1, inf)")
+    n_layers: int = _doc("Number of transformer blocks.", default=8, bounds="[1, inf)")
+    n_heads: int = _doc("Number of attention (query) heads.", default=8, bounds="[1, inf)")
     n_kv_heads: Optional[int] = _doc("Key/value heads: = n_heads for MHA, < n_heads for GQA, 1 for MQA. "
-                                     "null = n_heads.", default=None)
-    head_dim: Optional[int] = _doc("Per-head dimension. null = d_model // n_heads.", default=None)
+                                     "null = n_heads.", default=None, bounds="[1, inf)")
+    head_dim: Optional[int] = _doc("Per-head dimension. null = d_model // n_heads.", default=None,
+                                   bounds="[1, inf)")
     ffn_hidden: Optional[int] = _doc(
         "MLP hidden size. null = 4*d_model for gelu/relu, or Llama's rule (2/3 * 4*d_model rounded up "
-        "to a multiple of 256) for swiglu.", default=None)
+        "to a multiple of 256) for swiglu.", default=None, bounds="[1, inf)")
     max_seq_len: int = _doc("Longest sequence the model supports (learned position table size, RoPE cache).",
-                            default=1024)
+                            default=1024, bounds="[1, inf)")
     norm: Literal["rmsnorm", "layernorm"] = _doc("Normalisation layer.", default="rmsnorm")
-    norm_eps: float = _doc("Epsilon of the normalisation layers.", default=1e-5)
+    norm_eps: float = _doc("Epsilon of the normalisation layers.", default=1e-5, bounds="(0, inf)")
     activation: Literal["swiglu", "gelu", "relu"] = _doc("MLP activation (swiglu has gate and up projections).",
                                                          default="swiglu")
     position: Literal["rope", "learned", "none"] = _doc("Position encoding.", default="rope")
-    rope_theta: float = _doc("RoPE base frequency.", default=10000.0)
+    rope_theta: float = _doc("RoPE base frequency.", default=10000.0, bounds="(0, inf)")
     tie_embeddings: bool = _doc("Share the input embedding with the output head (GPT-2).", default=False)
     bias: bool = _doc("Biases in every linear layer and norm (GPT-2).", default=False)
     qkv_bias: Optional[bool] = _doc("Bias on the q/k/v projections only (Qwen2). null = same as `bias`.",
                                     default=None)
-    dropout: float = _doc("Dropout probability on attention probabilities and residual branches.", default=0.0)
+    dropout: float = _doc("Dropout probability on attention probabilities and residual branches.", default=0.0,
+                         bounds="[0, 1)")
     init_std: float = _doc("Std of the normal init; output projections get std/sqrt(2*n_layers) (GPT-2/Megatron).",
-                           default=0.02)
+                           default=0.02, bounds="(0, inf)")
     attention: Literal["sdpa", "triton", "te"] = _doc(
         "Attention backend: torch scaled_dot_product_attention, Tessera's Triton flash attention, or "
         "Transformer Engine (when installed).", default="sdpa")
@@ -73,9 +122,13 @@ class ModelConfig:
 @dataclass
 class DatasetSpec:
     path: str = _doc("A Megatron .bin/.idx prefix, a text/jsonl file, or `builtin:pydoc` (the English "
-                     "documentation text that ships with every CPython).", default="builtin:pydoc")
-    weight: float = _doc("Blending weight relative to the other datasets of the same split.", default=1.0)
-    name: Optional[str] = _doc("Name used in metrics (val_loss/<name>). null = derived from path.", default=None)
+                     "documentation text that ships with every CPython).", default="builtin:pydoc",
+                     path="a file path, a .bin/.idx prefix or builtin:pydoc")
+    weight: float = _doc("Blending weight relative to the other datasets of the same split.", default=1.0,
+                          bounds="(0, inf)")
+    name: Optional[str] = _doc(
+        "Name used in metrics (val_loss/<name>) and in cache file names: 1-100 letters, digits, '.', '_' or '-', "
+        "not starting with '.', unique within its split. null = derived from path.", default=None)
 
 
 @dataclass
@@ -85,79 +138,111 @@ class DataConfig:
                                     default_factory=lambda: [DatasetSpec()])
     valid: list[DatasetSpec] = _doc("Validation datasets, each reported separately. Empty = the validation "
                                     "part of `split` taken from the training data.", default_factory=list)
-    seq_len: int = _doc("Tokens per training sample. 0 = model.max_seq_len.", default=0)
+    seq_len: int = _doc("Tokens per training sample. 0 = model.max_seq_len.", default=0, bounds="[0, inf)")
     split: str = _doc('Train/valid/test proportions of the training data, e.g. "98,2,0".', default="98,2,0")
-    seed: int = _doc("Seed of the data order (shuffling); independent of the model seed.", default=1234)
+    seed: int = _doc("Seed of the data order (shuffling); independent of the model seed.", default=1234,
+                      bounds=_SEED_BOUNDS)
     document_masking: bool = _doc("Reset position ids and block attention at document boundaries.",
                                   default=False)
     cache_dir: Optional[str] = _doc("Where built indices and preprocessed raw text go. null = "
-                                    "<train.out_dir>/data_cache.", default=None)
+                                    "<train.out_dir>/data_cache.", default=None,
+                                    path="a directory path")
+    verify_token_ids: Literal["meta", "scan"] = _doc(
+        "How token ids are checked against the vocabulary before training: 'meta' trusts the max id recorded "
+        "in the dataset's meta.json (and scans when there is none), 'scan' always reads every token.",
+        default="meta")
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = _doc("Tensor-parallel size (ranks that split every layer).", default=1)
-    pp: int = _doc("Pipeline-parallel size (stages of consecutive layers).", default=1)
-    vpp: int = _doc("Virtual pipeline stages per rank (interleaved schedule).", default=1)
-    dp: Union[int, Literal["auto"]] = _doc("Data-parallel size; auto = world_size / (tp*pp).", default="auto")
+    tp: int = _doc("Tensor-parallel size (ranks that split every layer).", default=1, bounds="[1, inf)")
+    pp: int = _doc("Pipeline-parallel size (stages of consecutive layers).", default=1, bounds="[1, inf)")
+    vpp: int = _doc("Virtual pipeline stages per rank (interleaved schedule).", default=1, bounds="[1, inf)")
+    dp: Union[int, Literal["auto"]] = _doc("Data-parallel size; auto = world_size / (tp*pp).", default="auto",
+                                          bounds="[1, inf)")
     sequence_parallel: bool = _doc("Megatron sequence parallelism (needs tp > 1).", default=False)
     zero: Literal[0, 1, 3] = _doc("0: replicated optimizer; 1: ZeRO-1 distributed optimizer; 3: FSDP2.",
                                   default=1)
     schedule: Literal["gpipe", "1f1b", "interleaved", "zb"] = _doc(
         "Pipeline schedule (zb = zero-bubble ZB-H1).", default="1f1b")
     pp_layout: Optional[list[int]] = _doc("Layers per pipeline stage (len = pp*vpp). null = even split.",
-                                          default=None)
-    timeout_minutes: float = _doc("Process-group timeout: how long a rank waits for a dead or hung peer.",
-                                  default=10.0)
+                                          default=None, bounds="[0, inf)")
+    timeout_minutes: float = _doc("Process-group timeout: how long a rank waits for a dead or hung peer "
+                                  "(minutes).", default=10.0, bounds="(0, 1000000]")
 
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = _doc("Samples per forward/backward on one data-parallel rank.", default=4)
+    micro_batch_size: int = _doc("Samples per forward/backward on one data-parallel rank.", default=4,
+                                 bounds="[1, inf)")
     global_batch_size: int = _doc("Samples per optimizer step over all data-parallel ranks "
-                                  "(gradient accumulation makes up the difference).", default=32)
-    iters: int = _doc("Optimizer steps to train.", default=1000)
-    eval_interval: int = _doc("Evaluate every N steps (and at the end); 0 = never.", default=200)
-    eval_iters: int = _doc("Global batches per evaluation per validation set (as Megatron).", default=20)
-    log_interval: int = _doc("Log metrics every N steps.", default=10)
-    seed: int = _doc("Seed of initialisation and dropout.", default=1234)
+                                  "(gradient accumulation makes up the difference).", default=32, bounds="[1, inf)")
+    iters: int = _doc("Optimizer steps to train.", default=1000, bounds="[0, inf)")
+    eval_interval: int = _doc("Evaluate every N steps (and at the end); 0 = never.", default=200,
+                             bounds="[0, inf)")
+    eval_iters: int = _doc("Global batches per evaluation per validation set (as Megatron).", default=20,
+                         bounds="[0, inf)")
+    log_interval: int = _doc("Log metrics every N steps.", default=10, bounds="[1, inf)")
+    seed: int = _doc("Seed of initialisation and dropout.", default=1234, bounds=_SEED_BOUNDS)
     out_dir: str = _doc("Run directory: config.yaml, metrics.jsonl, tensorboard/, final weights.",
-                        default="runs/default")
+                        default="runs/default", path="a directory path")
     device: Literal["auto", "cpu", "cuda"] = _doc("auto = cuda if available.", default="auto")
     compile: bool = _doc("torch.compile the model.", default=False)
     sample_prompt: Optional[str] = _doc("If set, generate a sample from this prompt at the end of training.",
                                         default=None)
-    sample_tokens: int = _doc("Tokens generated for the end-of-training sample.", default=200)
+    sample_tokens: int = _doc("Tokens generated for the end-of-training sample.", default=200,
+                             bounds="[0, inf)")
     tensorboard: bool = _doc("Write TensorBoard event files to <out_dir>/tensorboard.", default=True)
     progress: bool = _doc("Show a progress bar (rank 0, interactive terminals).", default=True)
+    allow_foreign_dir: bool = _doc("Train into an existing directory that is not a Tessera run directory; its "
+                                   "files are left alone.", default=False)
+    max_bad_steps: int = _doc("Stop after this many skipped steps (non-finite loss or grad norm, or a loss spike) "
+                              "within bad_step_window steps; 0 = never stop.", default=5, bounds="[0, inf)")
+    bad_step_window: int = _doc("The window (in steps) over which max_bad_steps counts skipped steps "
+                                "(>= max_bad_steps when max_bad_steps > 0).", default=100, bounds="[0, inf)")
+    loss_spike_zscore: float = _doc("Skip a step whose loss is this many standard deviations above the mean of "
+                                    "the last loss_spike_window steps; 0 = off.", default=0.0, bounds="[0, inf)")
+    loss_spike_window: int = _doc("Steps of loss history for loss_spike_zscore (>= 2 when it is on).", default=50,
+                                  bounds="[0, inf)")
+    straggler_factor: float = _doc("At each log interval, flag ranks whose step time exceeds the median of all "
+                                   "ranks by this factor.", default=1.5, bounds="(1, inf)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _doc("Peak learning rate.", default=3.0e-4)
-    min_lr: float = _doc("Learning rate at the end of the decay.", default=3.0e-5)
-    weight_decay: float = _doc("AdamW decoupled weight decay (not applied to norms, biases).", default=0.1)
-    betas: list[float] = _doc("AdamW betas.", default_factory=lambda: [0.9, 0.95])
-    eps: float = _doc("AdamW epsilon.", default=1.0e-8)
-    grad_clip: float = _doc("Clip the global gradient norm to this; 0 = no clipping.", default=1.0)
-    warmup_iters: int = _doc("Linear warmup steps from warmup_init_lr to lr.", default=100)
-    warmup_init_lr: float = _doc("Learning rate at step 0 of warmup.", default=0.0)
+    lr: float = _doc("Peak learning rate.", default=3.0e-4, bounds="(0, inf)")
+    min_lr: float = _doc("Learning rate at the end of the decay (<= lr).", default=3.0e-5, bounds="[0, inf)")
+    weight_decay: float = _doc("AdamW decoupled weight decay (not applied to norms, biases).", default=0.1,
+                              bounds="[0, inf)")
+    betas: list[float] = _doc("AdamW betas: two numbers in [0, 1).", default_factory=lambda: [0.9, 0.95],
+                               bounds="[0, 1)")
+    eps: float = _doc("AdamW epsilon.", default=1.0e-8, bounds="(0, inf)")
+    grad_clip: float = _doc("Clip the global gradient norm to this; 0 = no clipping.", default=1.0,
+                            bounds="[0, inf)")
+    warmup_iters: int = _doc("Linear warmup steps from warmup_init_lr to lr.", default=100,
+                             bounds="[0, inf)")
+    warmup_init_lr: float = _doc("Learning rate at step 0 of warmup (<= lr).", default=0.0, bounds="[0, inf)")
     decay: Literal["cosine", "linear", "wsd", "constant"] = _doc(
         "Decay after warmup: cosine/linear to min_lr, WSD (constant, then a final linear decay), or constant.",
         default="cosine")
-    decay_iters: Optional[int] = _doc("Step at which decay reaches min_lr. null = train.iters.", default=None)
-    wsd_decay_fraction: float = _doc("WSD: fraction of decay_iters spent in the final decay.", default=0.2)
+    decay_iters: Optional[int] = _doc("Step at which decay reaches min_lr (> warmup_iters). null = train.iters.",
+                                    default=None, bounds="[1, inf)")
+    wsd_decay_fraction: float = _doc("WSD: fraction of decay_iters spent in the final decay.", default=0.2,
+                                      bounds="(0, 1]")
 
 
 @dataclass
 class PrecisionConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = _doc("Compute dtype (autocast); weights and optimizer stay fp32.",
                                                   default="bf16")
-    initial_loss_scale: float = _doc("fp16: starting dynamic loss scale.", default=65536.0)
+    initial_loss_scale: float = _doc("fp16: starting dynamic loss scale.", default=65536.0,
+                                     bounds="(0, inf)")
     loss_scale_window: int = _doc("fp16: grow the scale x2 after this many steps without overflow.",
-                                  default=1000)
-    min_loss_scale: float = _doc("fp16: never back off below this.", default=1.0)
-    hysteresis: int = _doc("fp16: overflowing steps tolerated before the scale backs off.", default=2)
+                                  default=1000, bounds="[1, inf)")
+    min_loss_scale: float = _doc("fp16: never back off below this (<= initial_loss_scale).", default=1.0,
+                                 bounds="(0, inf)")
+    hysteresis: int = _doc("fp16: overflowing steps tolerated before the scale backs off.", default=2,
+                         bounds="[1, inf)")
 
 
 _SECTIONS = {
@@ -184,10 +269,130 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return dump_yaml(self.to_dict())
+
+
+# --------------------------------------------------------------------------- YAML
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+# YAML 1.2's float grammar -- an exponent needs no dot (1e-3, 2E5) and its sign is optional (1.0e5),
+# a leading dot may carry a sign (-.5) -- plus what YAML 1.1 (PyYAML's default) also reads as floats:
+# digit-separating underscores (1_000.0) and base-60 (1:30.0). Plain integers (12, 1_000) stay integers.
+_FLOAT_RE = re.compile(r"""^(?:
+      [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    | [-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    | [-+]?\.(?:inf|Inf|INF)
+    | \.(?:nan|NaN|NAN))$""", re.X)
+
+
+def _resolvers(base: dict) -> dict:
+    """PyYAML's implicit resolvers with YAML 1.2 floats, and without timestamps (no field takes a date,
+    and a bare 2024-01-01 stays the string it looks like)."""
+    out: dict = {}
+    for first, pairs in base.items():
+        kept = [(tag, _FLOAT_RE if tag == _FLOAT_TAG else rx) for tag, rx in pairs
+                if tag != "tag:yaml.org,2002:timestamp"]
+        if kept:
+            out[first] = kept
+    return out
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats (`1e-3` is a number, not a string)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper resolving as `_Loader` reads, so a string such as '1e-3' is written quoted."""
+
+
+_Loader.yaml_implicit_resolvers = _resolvers(yaml.SafeLoader.yaml_implicit_resolvers)
+_Dumper.yaml_implicit_resolvers = _resolvers(yaml.SafeDumper.yaml_implicit_resolvers)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _reject_duplicate_keys(loader: _Loader, root: yaml.Node, source: str) -> None:
+    """A key given twice in one mapping (YAML keeps the last silently) -> ConfigError with both lines."""
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    seen: set[int] = set()
+    while stack:
+        node, where = stack.pop()
+        if id(node) in seen:  # aliases share nodes (and may form cycles)
+            continue
+        seen.add(id(node))
+        children: list[tuple[yaml.Node, str]] = []
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:  # `<<: *base`: explicit keys may override merged ones
+                    children.append((value_node, where))
+                    continue
+                if not isinstance(key_node, yaml.ScalarNode):
+                    children.append((value_node, where))
+                    continue
+                try:
+                    key = loader.construct_object(key_node)
+                    hash(key)
+                except Exception:  # reported when the document is constructed
+                    key = (key_node.tag, key_node.value)
+                name = f"{where}.{key}" if where else str(key)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise ConfigError(f"{source}: duplicate key {name!r} at line {line} (first given at line "
+                                      f"{first[key]}); give each key once")
+                first[key] = line
+                children.append((value_node, name))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, f"{where}[{i}]") for i, item in enumerate(node.value)]
+        stack.extend(reversed(children))  # depth first, in document order
+
+
+def load_yaml(text: str, source: str = "YAML") -> Any:
+    """Parse YAML as configs are read (YAML 1.2 floats, duplicate keys rejected). Raises ConfigError;
+    `source` names the text in messages, e.g. "config file 'a.yaml'"."""
+    loader = None
+    try:
+        loader = _Loader(text)  # the reader already rejects non-printable characters
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _reject_duplicate_keys(loader, node, source)
+        return loader.construct_document(node)
+    except ConfigError:
+        raise
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {' '.join(str(e).split())}") from None
+    except (ValueError, OverflowError) as e:  # e.g. 0x_ (int("", 16)), an integer of 5000 digits
+        raise ConfigError(f"{source}: a value cannot be read ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text that `load_yaml` reads back as `data`."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- building from dicts
+
+_INT64 = 2 ** 63
+
+
+def _found(value: Any, limit: int = 160) -> str:
+    """repr(value) for a message, shortened (and safe for integers too long to print)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a value too large to print"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _int_size(value: int) -> str:
+    return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
 
 
 def _type_name(tp: Any) -> str:
@@ -209,51 +414,60 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value in choices and type(value) in {type(c) for c in choices}:
+        if type(value) in {type(c) for c in choices} and value in choices:
             return value
-        raise ConfigError(f"{where}: expected one of {', '.join(repr(c) for c in choices)}, found {value!r}")
+        raise ConfigError(f"{where}: expected one of {', '.join(repr(c) for c in choices)}, found {_found(value)}")
     if origin in (Union, types.UnionType):
-        errors = []
         for arm in typing.get_args(tp):
             try:
                 return _coerce(value, arm, where)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, found {value!r}")
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, found {_found(value)}")
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{where}: expected null, found {value!r}")
+        raise ConfigError(f"{where}: expected null, found {_found(value)}")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if inner is DatasetSpec and isinstance(value, (str, dict)):
             value = [value]  # shorthand: one dataset
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, found {value!r}")
+            raise ConfigError(f"{where}: expected a list, found {_found(value)}")
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str) and tp is DatasetSpec:
             value = {"path": value}  # shorthand: a bare path
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, found {value!r}")
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, found {_found(value)}")
         return _build(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, found {value!r}")
+        raise ConfigError(f"{where}: expected true or false, found {_found(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, found {value!r}")
+            if -_INT64 <= value < _INT64:
+                return value
+            raise ConfigError(f"{where}: expected a 64-bit integer, found {_int_size(value)}")
+        raise ConfigError(f"{where}: expected an integer, found {_found(value)}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, found {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            if -_INT64 <= value < _INT64:
+                return float(value)
+            raise ConfigError(f"{where}: expected a finite number, found {_int_size(value)}")
+        if isinstance(value, float):
+            return value
+        raise ConfigError(f"{where}: expected a number, found {_found(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, found {value!r}")
+        raise ConfigError(f"{where}: expected a string, found {_found(value)}")
     raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def _key_text(key: Any) -> str:
+    return key if isinstance(key, str) else _found(key)
 
 
 def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
@@ -271,7 +485,7 @@ def _build(cls: type, data: dict, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise _unknown_key(cls, str(key), where)
+            raise _unknown_key(cls, _key_text(key), where)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     return cls(**kwargs)
 
@@ -284,17 +498,14 @@ def _deep_merge(base: dict, update: dict) -> dict:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=c` -> (["a", "b"], value parsed as YAML, so 3 -> int, true -> bool, [1,2] -> list)."""
+    """`a.b=c` -> (["a", "b"], value parsed as YAML, so 3 -> int, 1e-3 -> float, true -> bool, [1,2] -> list)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected the form section.key=value, e.g. train.iters=50")
     key, raw = text.split("=", 1)
     path = key.strip().split(".")
     if not all(path):
         raise ConfigError(f"override {text!r}: empty key component in {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({e})") from None
+    value = load_yaml(raw, f"override {text!r}: value {raw!r}") if raw.strip() != "" else ""
     return path, value
 
 
@@ -311,7 +522,9 @@ def _apply_override(tree: dict, path: list[str], value: Any) -> None:
             node[part] = value
         else:
             cls = typing.get_type_hints(cls)[part]
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty `section:` in the file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section")
 
@@ -323,11 +536,17 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+            raise ConfigError(f"config file {str(p)!r} does not exist (or is not a file)")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r}: expected UTF-8 text, found {e.reason} at byte "
+                              f"{e.start}") from None
+        except OSError as e:
+            raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror or e}") from None
+        tree = load_yaml(text, f"config file {str(p)!r}")
+        if tree is None:
+            tree = {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(p)!r}: expected a mapping of sections at the top level, "
                               f"found {type(tree).__name__}")
@@ -339,23 +558,32 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 def config_from_dict(tree: dict, world_size: Optional[int] = None) -> Config:
     """Build and validate a Config from a nested dict (presets are applied under the model's own fields)."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config: expected a mapping of sections ({', '.join(_SECTIONS)}), found {_found(tree)}")
     tree = dict(tree)
     for key in tree:
         if key not in _SECTIONS:
-            raise _unknown_key(Config, str(key), "")
-    model = tree.get("model") or {}
+            raise _unknown_key(Config, _key_text(key), "")
+    model = tree.get("model")
+    if model is None:
+        model = {}
     if not isinstance(model, dict):
-        raise ConfigError(f"model: expected a mapping, found {model!r}")
-    if model.get("preset") is not None:
+        raise ConfigError(f"model: expected a mapping of ModelConfig fields, found {_found(model)}")
+    preset = model.get("preset")
+    if preset is not None:
+        if not isinstance(preset, str):
+            raise ConfigError(f"model.preset: expected null or a preset name (a string), found {_found(preset)}")
         from engine.model.presets import get_preset  # local: presets import nothing from config
 
-        model = _deep_merge(get_preset(model["preset"]), model)
+        model = _deep_merge(get_preset(preset), model)
         tree["model"] = model
     sections = {}
     for name, cls in _SECTIONS.items():
-        value = tree.get(name) or {}
+        value = tree.get(name)
+        if value is None:  # absent, or an empty `section:`
+            value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping of {cls.__name__} fields, found {value!r}")
+            raise ConfigError(f"{name}: expected a mapping of {cls.__name__} fields, found {_found(value)}")
         sections[name] = _build(cls, value, name)
     cfg = Config(**sections)
     validate(cfg, world_size=world_size)
@@ -383,13 +611,61 @@ def resolve_dp(cfg: Config, world_size: int) -> int:
     return dp
 
 
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def _check_number(value: Any, bounds: Optional[_Bounds], where: str, optional: bool) -> None:
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_number(v, bounds, f"{where}[{i}]", False)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, found {value}")
+    if bounds is not None and value not in bounds:
+        prefix = "null or " if optional else ""
+        raise ConfigError(f"{where}: expected {prefix}{bounds.describe(isinstance(value, int))}, found {value!r}")
+
+
+def _check_fields(obj: Any, where: str) -> None:
+    """Per-field checks from the metadata: every float finite, numbers within `bounds`, paths not blank."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{where}.{f.name}"
+        if value is None:
+            continue
+        optional = type(None) in typing.get_args(hints[f.name])
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _check_fields(item, f"{name}[{i}]")
+            continue
+        _check_number(value, f.metadata.get("bounds"), name, optional)
+        kind = f.metadata.get("path")
+        if kind is not None and isinstance(value, str) and (not value.strip() or "\0" in value):
+            raise ConfigError(f"{name}: expected {'null or ' if optional else ''}{kind}, found {_found(value)}")
+
+
+def _check_datasets(split: str, specs: list[DatasetSpec]) -> None:
+    named: dict[str, int] = {}
+    for i, ds in enumerate(specs):
+        if ds.name is None:
+            continue
+        where = f"data.{split}[{i}].name"
+        _check(bool(_NAME_RE.fullmatch(ds.name)),
+               f"{where}: expected 1-100 letters, digits, '.', '_' or '-', not starting with '.', found "
+               f"{_found(ds.name)}")
+        _check(ds.name not in named, f"{where}: {ds.name!r} is already the name of data.{split}[{named.get(ds.name)}]; "
+                                     f"expected names unique within data.{split}")
+        named[ds.name] = i
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     m, d, p, t, o = cfg.model, cfg.data, cfg.parallel, cfg.train, cfg.optim
-    for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "vocab_pad_multiple"):
-        _check(getattr(m, name) > 0, f"model.{name}: expected a positive integer, found {getattr(m, name)}")
-    _check(m.vocab_size >= 0, f"model.vocab_size: expected >= 0 (0 = from tokenizer), found {m.vocab_size}")
+    for name in _SECTIONS:
+        _check_fields(getattr(cfg, name), name)
     kv = m.n_kv_heads or m.n_heads
-    _check(1 <= kv <= m.n_heads and m.n_heads % kv == 0,
+    _check(kv <= m.n_heads and m.n_heads % kv == 0,
            f"model.n_kv_heads: expected a divisor of n_heads={m.n_heads}, found {kv}")
     if m.head_dim is None:
         _check(m.d_model % m.n_heads == 0,
@@ -398,30 +674,26 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     hd = m.head_dim or m.d_model // m.n_heads
     if m.position == "rope":
         _check(hd % 2 == 0, f"model.head_dim: RoPE needs an even head dimension, found {hd}")
-    _check(0.0 <= m.dropout < 1.0, f"model.dropout: expected 0 <= p < 1, found {m.dropout}")
-    _check(m.norm_eps > 0, f"model.norm_eps: expected > 0, found {m.norm_eps}")
     seq = cfg.seq_len
-    _check(seq > 0, f"data.seq_len: expected > 0, found {seq}")
     _check(seq <= m.max_seq_len,
            f"data.seq_len={seq} exceeds model.max_seq_len={m.max_seq_len}")
     _check(len(d.train) > 0, "data.train: expected at least one dataset, found none")
-    for i, ds in enumerate([*d.train, *d.valid]):
-        _check(ds.weight > 0, f"data dataset {ds.path!r}: weight must be > 0, found {ds.weight}")
+    _check_datasets("train", d.train)
+    _check_datasets("valid", d.valid)
     try:
         parts = [float(x) for x in d.split.replace("/", ",").split(",")]
     except ValueError:
-        raise ConfigError(f'data.split: expected comma-separated proportions like "98,2,0", found {d.split!r}')
-    _check(len(parts) == 3 and all(x >= 0 for x in parts) and parts[0] > 0,
-           f'data.split: expected three non-negative proportions with train > 0, like "98,2,0", found {d.split!r}')
+        raise ConfigError(f'data.split: expected comma-separated proportions like "98,2,0", found '
+                          f'{_found(d.split)}') from None
+    _check(len(parts) == 3 and all(math.isfinite(x) and x >= 0 for x in parts) and parts[0] > 0,
+           f'data.split: expected three finite non-negative proportions with train > 0, like "98,2,0", found '
+           f'{_found(d.split)}')
     tok = d.tokenizer
-    _check(tok == "byte" or tok.startswith(("sentencepiece:", "hf:")),
-           f'data.tokenizer: expected "byte", "sentencepiece:PATH" or "hf:PATH", found {tok!r}')
+    _check(tok == "byte" or (tok.startswith(("sentencepiece:", "hf:")) and tok.split(":", 1)[1].strip() != ""
+                             and "\0" not in tok),
+           f'data.tokenizer: expected "byte", "sentencepiece:PATH" or "hf:PATH", found {_found(tok)}')
 
     # parallel layout
-    for name in ("tp", "pp", "vpp"):
-        _check(getattr(p, name) >= 1, f"parallel.{name}: expected >= 1, found {getattr(p, name)}")
-    if p.dp != "auto":
-        _check(p.dp >= 1, f"parallel.dp: expected >= 1 or 'auto', found {p.dp}")
     _check(m.n_heads % p.tp == 0,
            f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads}")
     _check(kv % p.tp == 0 or p.tp % kv == 0,
@@ -432,7 +704,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(seq % p.tp == 0, f"parallel.sequence_parallel: data.seq_len={seq} must be divisible by tp={p.tp}")
     stages = p.pp * p.vpp
     if p.pp_layout is not None:
-        _check(len(p.pp_layout) == stages and all(x >= 0 for x in p.pp_layout) and sum(p.pp_layout) == m.n_layers,
+        _check(len(p.pp_layout) == stages and sum(p.pp_layout) == m.n_layers,
                f"parallel.pp_layout: expected {stages} non-negative layer counts (pp*vpp) summing to "
                f"model.n_layers={m.n_layers}, found {p.pp_layout}")
     else:
@@ -447,14 +719,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(not cfg.train.compile or p.pp == 1,
            "train.compile=true is not supported with parallel.pp > 1 yet (pipeline stages run eagerly); "
            "set train.compile=false or parallel.pp=1")
-    _check(p.timeout_minutes > 0, f"parallel.timeout_minutes: expected > 0, found {p.timeout_minutes}")
 
     # batch arithmetic
-    _check(t.micro_batch_size >= 1, f"train.micro_batch_size: expected >= 1, found {t.micro_batch_size}")
-    _check(t.global_batch_size >= 1, f"train.global_batch_size: expected >= 1, found {t.global_batch_size}")
-    _check(t.iters >= 0, f"train.iters: expected >= 0, found {t.iters}")
-    _check(t.log_interval >= 1, f"train.log_interval: expected >= 1, found {t.log_interval}")
-    _check(t.eval_interval >= 0 and t.eval_iters >= 0, "train.eval_interval/eval_iters: expected >= 0")
     if world_size is not None:
         dp = resolve_dp(cfg, world_size)
         _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
@@ -470,20 +736,29 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                f"train.global_batch_size={t.global_batch_size} must be divisible by "
                f"train.micro_batch_size={t.micro_batch_size}")
 
+    # bad steps (the ranges of each field are checked above)
+    if t.max_bad_steps > 0:
+        _check(t.bad_step_window >= t.max_bad_steps,
+               f"train.bad_step_window: expected a window of at least train.max_bad_steps={t.max_bad_steps} "
+               f"steps (or max_bad_steps=0 to never stop), found {t.bad_step_window}")
+    if t.loss_spike_zscore > 0:
+        _check(t.loss_spike_window >= 2,
+               f"train.loss_spike_window: expected at least 2 steps of loss history with "
+               f"train.loss_spike_zscore={t.loss_spike_zscore}, found {t.loss_spike_window}")
+
     # optimizer
-    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"optim: expected 0 <= min_lr <= lr and lr > 0, found "
-                                                f"lr={o.lr}, min_lr={o.min_lr}")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-           f"optim.betas: expected two numbers in [0, 1), found {o.betas}")
-    _check(o.warmup_iters >= 0, f"optim.warmup_iters: expected >= 0, found {o.warmup_iters}")
-    _check(o.grad_clip >= 0, f"optim.grad_clip: expected >= 0, found {o.grad_clip}")
-    _check(0 < o.wsd_decay_fraction <= 1, f"optim.wsd_decay_fraction: expected in (0, 1], found "
-                                          f"{o.wsd_decay_fraction}")
+    _check(o.min_lr <= o.lr, f"optim.min_lr: expected min_lr <= lr = {o.lr}, found {o.min_lr}")
+    _check(o.warmup_init_lr <= o.lr,
+           f"optim.warmup_init_lr: expected warmup_init_lr <= lr = {o.lr} (warmup rises to lr), found "
+           f"{o.warmup_init_lr}")
+    _check(len(o.betas) == 2, f"optim.betas: expected two numbers in [0, 1), found {_found(o.betas)}")
     if o.decay_iters is not None:
         _check(o.decay_iters > o.warmup_iters,
                f"optim.decay_iters={o.decay_iters} must be greater than optim.warmup_iters={o.warmup_iters}")
-    if cfg.precision.dtype == "fp16":
-        _check(cfg.precision.initial_loss_scale > 0, "precision.initial_loss_scale: expected > 0")
+    pr = cfg.precision
+    _check(pr.min_loss_scale <= pr.initial_loss_scale,
+           f"precision.min_loss_scale: expected at most precision.initial_loss_scale={pr.initial_loss_scale}, "
+           f"found {pr.min_loss_scale}")
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -1,15 +1,71 @@
-"""The user-facing error type, at the bottom of the import graph (this module imports nothing).
+"""The user-facing error types, at the bottom of the import graph (this module imports nothing).
 
-`ConfigError` means: the run as requested cannot start because of something the user wrote
-(a YAML file, an `a.b=c` override, a preset name). Its message is meant for the user, names the
-field, what was expected and what was found, and is printed without a traceback. Everything
-else -- a bug, a failed collective, a missing file the code itself chose -- is a different type.
+A `TesseraError` means: the run as requested cannot go on because of something outside the code -- a
+YAML file or override, a data file, a tokenizer, a checkpoint, the file system, a numerical fault of the
+run. Its message is meant for the user: it names the thing, what was expected and what was found, and the
+CLI prints it as one line (no traceback unless `--debug` or TESSERA_DEBUG=1) and exits with the class's
+`exit_code`. Everything else -- a bug -- is a different type and keeps its traceback.
 
-It lives here rather than in engine/config.py so that any layer (the model presets, data,
-parallel) can raise it without importing the configuration module, which itself reads the
-model presets: `engine.config.ConfigError` is the same class, re-exported.
+Exit codes (documented in docs/reliability.md and `tessera --help`):
+    2 configuration   3 data   4 tokenizer   5 checkpoint   6 run directory / file system
+    7 numerical fault (too many bad steps)   8 a peer rank died or a collective timed out
+    130 interrupted (SIGINT)   143 terminated (SIGTERM)
+
+The data-layer errors (SourceError, IndexedDatasetError, DatasetBuildError) and TokenizerError derive
+from these, and stay ValueErrors, so existing `except ValueError` callers keep working.
 """
 
 
-class ConfigError(ValueError):
+class TesseraError(Exception):
+    """A problem the user can act on; the message says what, where, expected and found."""
+
+    exit_code = 1
+
+
+class ConfigError(TesseraError, ValueError):
     """A configuration problem, with a message meant for the user."""
+
+    exit_code = 2
+
+
+class DataError(TesseraError, ValueError):
+    """A data file (raw text/jsonl, .bin/.idx, meta.json, index cache) is missing, corrupt or inconsistent."""
+
+    exit_code = 3
+
+
+class TokenizerProblem(TesseraError, ValueError):
+    """A tokenizer cannot be loaded, or does not match the data or the model."""
+
+    exit_code = 4
+
+
+class CheckpointError(TesseraError, ValueError):
+    """A checkpoint or weights file is missing, incomplete or does not match the model."""
+
+    exit_code = 5
+
+
+class RunDirError(TesseraError):
+    """The run directory cannot be used (not a Tessera run, locked by another run, not writable)."""
+
+    exit_code = 6
+
+
+class NumericalFault(TesseraError):
+    """Training stopped on non-finite or spiking losses / gradient norms."""
+
+    exit_code = 7
+
+
+class PeerFailure(TesseraError):
+    """Another rank died, or a collective did not finish within the process-group timeout."""
+
+    exit_code = 8
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+__all__ = ["CheckpointError", "ConfigError", "DataError", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "NumericalFault",
+           "PeerFailure", "RunDirError", "TesseraError", "TokenizerProblem"]

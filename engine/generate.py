@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from engine.checkpoint.weights import load_weights
-from engine.config import Config, ConfigError, load_config
+from engine.config import Config, load_config
+from engine.errors import RunDirError
 from engine.data import Tokenizer, build_tokenizer
 from engine.model.transformer import Transformer
 
@@ -19,7 +20,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Config, Transfor
     cfg_path, weights = run / "config.yaml", run / "model.safetensors"
     for f in (cfg_path, weights):
         if not f.is_file():
-            raise ConfigError(f"run directory {str(run)!r}: expected {f.name} (written at the end of "
+            raise RunDirError(f"run directory {str(run)!r}: expected {f.name} (written at the end of "
                               f"`tessera train`), found none")
     cfg = load_config(cfg_path)
     # Canonical weights (real vocabulary) into a one-process model; the vocabulary padding is added here.

@@ -109,7 +109,7 @@ def test_cli_config_error_is_one_clear_message(tmp_path):
 def test_generate_missing_run_dir(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "engine", "generate", str(tmp_path / "nope")],
                           capture_output=True, text=True, env=_env(), timeout=60)
-    assert proc.returncode == 2 and "expected config.yaml" in proc.stderr
+    assert proc.returncode == 6 and "expected config.yaml" in proc.stderr  # a run-directory error (engine/errors.py)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["config", "show", "--help"],

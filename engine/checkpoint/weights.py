@@ -26,13 +26,13 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.errors import ConfigError
+from engine.errors import CheckpointError
 from engine.model.transformer import Transformer
 from engine.parallel.pipeline.partition import layers_for_stage
 from engine.parallel.sharding import ShardSpec, box_view
 from engine.parallel.state import ParallelState
 
-__all__ = ["canonical_specs", "load_weights", "save_weights"]
+__all__ = ["canonical_specs", "load_weights", "remove_stale_temporaries", "save_weights"]
 
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
@@ -82,6 +82,8 @@ def save_weights(path: Path, chunks: Sequence[nn.Module], cfg: ModelConfig, psta
     """Write the canonical weights of the model held by `chunks` over all ranks to `path` (collective:
     every rank calls it). Returns the path on rank 0, None elsewhere."""
     path = Path(path)
+    if pstate.is_rank0:
+        remove_stale_temporaries(path)
     specs = canonical_specs(cfg, pstate)
     local = {n: p for c in chunks for n, p in c.named_parameters()}
     dtypes = {n: dtype or next(iter(local.values())).dtype for n in specs}
@@ -106,6 +108,28 @@ def save_weights(path: Path, chunks: Sequence[nn.Module], cfg: ModelConfig, psta
     out.close()
     os.replace(tmp, path)
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete `.<name>.tmp<pid>` files next to `path` left by a process that died while writing it (a live
+    writer's file is kept). Returns what was removed."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def _gather_one(name: str, spec: ShardSpec, local: dict[str, torch.Tensor], cfg: ModelConfig,
@@ -154,13 +178,13 @@ def load_weights(model: nn.Module, path: Path) -> None:
     try:
         state = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise ConfigError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     specs = model.shard_specs()
     want = {s.tied_to or s.name for s in specs.values()}
     missing = sorted(want - set(state))
     unexpected = sorted(set(state) - want - {"head.weight"})  # old files stored a tied head separately
     if missing or unexpected:
-        raise ConfigError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected "
+        raise CheckpointError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected "
                           f"{unexpected[:5]}")
     tp_rank = model.pstate.tp_rank
     for name, p in model.named_parameters():
@@ -172,7 +196,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
                          and canon.shape[d] >= spec.global_shape[d]
                          and all(a == b for i, (a, b) in enumerate(zip(canon.shape, spec.global_shape)) if i != d))
             if not padded_ok:
-                raise ConfigError(f"{path}: tensor {spec.name!r} has shape {tuple(canon.shape)}, expected "
+                raise CheckpointError(f"{path}: tensor {spec.name!r} has shape {tuple(canon.shape)}, expected "
                                   f"{spec.global_shape}")
             canon = canon.narrow(d, 0, spec.global_shape[d])
         p.copy_(spec.shard_canonical(canon.to(p.dtype), tp_rank).to(p.device))

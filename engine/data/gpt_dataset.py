@@ -24,14 +24,15 @@ import torch
 from torch.utils.data import Dataset
 
 from engine.data import index_builders as ib
-from engine.data.indexed import IndexedDataset
+from engine.data.indexed import IndexedDataset, inside, remove_stale_temporaries, safe_stem, tmp_path
 from engine.data.masking import document_features
+from engine.errors import DataError
 
 INDEX_VERSION = 1  # bump when the index semantics change, so old caches are not reused
 SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
 
 
-class DatasetBuildError(ValueError):
+class DatasetBuildError(DataError):
     """A dataset cannot provide what the run needs, or its cache is missing/corrupt."""
 
 
@@ -86,9 +87,17 @@ def build_indices(sizes: np.ndarray, seq_len: int, num_samples: int, seed: int
 
 
 def _save_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    """Write PATH.tmpPID-HOST, then rename it to PATH; a temporary left by a killed writer is removed by the
+    next write of the same file (remove_stale_temporaries)."""
+    remove_stale_temporaries([path])
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:  # a file object: np.save appends no ".npy" to the name
+            np.save(f, arr, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class GPTDataset(Dataset):
@@ -106,17 +115,19 @@ class GPTDataset(Dataset):
         ident = {k: v for k, v in asdict(spec).items() if k != "num_samples"}
         key = hashlib.sha256(json.dumps({**ident, "plan": plan, "v": INDEX_VERSION, "sizes": _sizes_digest(sizes),
                                          "prefix": os.path.abspath(spec.prefix)}, sort_keys=True).encode())
-        stem = f"{spec.name}-{key.hexdigest()[:20]}"
+        # the name comes from the config: only its sanitized form goes into a file name (never "../")
+        stem = f"{safe_stem(spec.name)}-{key.hexdigest()[:20]}"
         cache_dir = Path(cache_dir)
-        files = {k: cache_dir / f"{stem}-{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
-        desc = cache_dir / f"{stem}.json"
+        files = {k: inside(cache_dir, cache_dir / f"{stem}-{k}_idx.npy") for k in ("doc", "sample", "shuffle")}
+        desc = inside(cache_dir, cache_dir / f"{stem}.json")
         if build and not desc.is_file():
             cache_dir.mkdir(parents=True, exist_ok=True)
             arrays = build_indices(sizes, spec.seq_len, spec.num_samples, spec.seed)
             for (k, path), arr in zip(files.items(), arrays):
                 _save_atomic(path, arr)
             # written last: its presence means the three arrays are complete
-            tmp = desc.with_name(desc.name + f".tmp{os.getpid()}")
+            remove_stale_temporaries([desc])
+            tmp = tmp_path(desc)
             tmp.write_text(json.dumps({**asdict(spec), "num_samples_built": len(arrays[2]),
                                        "files": {k: p.name for k, p in files.items()}}, indent=1))
             os.replace(tmp, desc)

@@ -5,18 +5,21 @@ Pipeline (streamed, memory flat in the input size):
   -> main process, in input order: dedup decisions, write to the .bin, progress bar.
 At most 2*workers batches are in flight, so a huge input never piles up in queues. Results are consumed in
 submission order, so N workers write exactly the bytes 1 worker writes.
-A PREFIX.meta.json sidecar records the tokenizer, so a dataset is never trained with the wrong one.
+A PREFIX.meta.json sidecar records the tokenizer and the largest token id, so a dataset is never trained with
+the wrong tokenizer or with ids the model cannot embed (check_tokenizer); invalid UTF-8 bytes of the inputs
+are replaced by U+FFFD and counted per input in the summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -27,14 +30,17 @@ import numpy as np
 
 from engine.data.cleaning import CleanConfig, clean
 from engine.data.dedup import Deduplicator, content_hash, minhash_signature
-from engine.data.indexed import IndexedDatasetWriter, token_dtype
-from engine.data.sources import SourceError, TextMode, iter_documents
+from engine.data.indexed import (META_SUFFIX, IndexedDataset, IndexedDatasetWriter, bin_path, meta_path, read_meta,
+                                 token_dtype)
+from engine.data.sources import BUILTIN_PYDOC, SourceError, SourceReport, TextMode, check_text_file, iter_documents
 from engine.data.tokenizers import (ByteTokenizer, Tokenizer, TokenizerError, build_tokenizer,
                                    tokenizer_fingerprint)
+from engine.errors import ConfigError, DataError
 
 BATCH_DOCS = 128          # a batch ends at this many documents ...
 BATCH_CHARS = 1 << 18     # ... or this many characters, so workers get even, small pieces of work
-META_SUFFIX = ".meta.json"
+VERIFY_MODES = ("meta", "scan")
+__all__ = ["META_SUFFIX", "PreprocessStats", "SourceError", "check_tokenizer", "main", "preprocess", "read_meta"]
 
 
 @dataclass
@@ -45,6 +51,7 @@ class PreprocessStats:
     bytes_in: int = 0
     seconds: float = 0.0
     removed: dict[str, int] = field(default_factory=dict)
+    invalid_utf8: dict[str, int] = field(default_factory=dict)  # input -> invalid bytes replaced by U+FFFD
 
     def summary(self) -> str:
         mb = self.bytes_in / 1e6
@@ -56,6 +63,9 @@ class PreprocessStats:
             lines.append(f"  removed by {name}: {n} documents")
         if not self.removed:
             lines.append("  no document removed by the filters")
+        for path, n in self.invalid_utf8.items():
+            if n:
+                lines.append(f"  {n} invalid UTF-8 bytes replaced in {path} (by U+FFFD)")
         return "\n".join(lines)
 
 
@@ -68,6 +78,9 @@ _worker_dtype: np.dtype = np.dtype(np.uint16)
 
 def _init_worker(tokenizer_spec: str, cfg: CleanConfig) -> None:
     global _worker_tok, _worker_cfg, _worker_dtype
+    if mp.parent_process() is not None:  # a pool worker: the main process alone handles interrupts
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
     _worker_tok = build_tokenizer(tokenizer_spec)
     _worker_cfg = cfg
@@ -152,35 +165,70 @@ def _results(batches: Iterator[list[str]], tokenizer_spec: str, cfg: CleanConfig
             while pending:
                 yield pending.popleft().result()
         except BrokenProcessPool as e:
-            raise RuntimeError(f"preprocess: a worker process died ({e}); if it was killed for memory, use fewer "
-                               f"--workers") from None
+            raise DataError(f"preprocess: a worker process died ({e}); if it was killed for memory, use fewer "
+                            f"--workers") from None
+        except BaseException:
+            # An interrupt (SIGINT, SIGTERM) or an error: stop the workers now. Leaving the `with` would wait
+            # for the queued batches, and a pool whose workers were signalled too can wait for ever.
+            workers_alive = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown clears it
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in workers_alive:
+                proc.terminate()
+            raise
         finally:
             for f in pending:
                 f.cancel()
 
 
-def read_meta(prefix: str | os.PathLike) -> Optional[dict]:
-    p = Path(f"{os.fspath(prefix)}{META_SUFFIX}")
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{p}: expected JSON metadata, found invalid JSON ({e.msg})") from None
-
-
-def check_tokenizer(prefix: str | os.PathLike, tokenizer: Tokenizer, model_vocab_size: int = 0) -> None:
-    """Raise TokenizerError if PREFIX was built with another tokenizer or holds ids the model cannot embed."""
-    meta = read_meta(prefix)
-    if meta is None:
-        return  # a dataset from elsewhere (e.g. Megatron-LM): nothing recorded to compare
-    if meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
-        raise TokenizerError(f"dataset {os.fspath(prefix)!r} was built with tokenizer {meta.get('tokenizer')!r} "
+def check_tokenizer(prefix: str | os.PathLike, tokenizer: Tokenizer, model_vocab_size: int = 0,
+                    verify_token_ids: str = "meta", dataset: Optional[IndexedDataset] = None,
+                    scan_if_unrecorded: bool = True) -> None:
+    """Check that PREFIX can be trained with this tokenizer and a model of model_vocab_size ids (0: the
+    tokenizer's): TokenizerError if it was built with another tokenizer, DataError if a token id is outside
+    [0, vocab). verify_token_ids="meta" trusts the max id recorded in PREFIX.meta.json and scans the .bin only
+    when none is recorded; "scan" always scans (and compares with what is recorded).
+    scan_if_unrecorded=False skips the scan (a rank that is not the builder: the builder has scanned).
+    """
+    if verify_token_ids not in VERIFY_MODES:
+        raise ConfigError(f"data.verify_token_ids: expected one of {', '.join(VERIFY_MODES)}, found "
+                          f"{verify_token_ids!r}")
+    name = os.fspath(prefix)
+    ds = dataset if dataset is not None else IndexedDataset(prefix)
+    meta = ds.meta
+    recorded = meta is not None and "tokenizer_fingerprint" in meta
+    if recorded and meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
+        raise TokenizerError(f"dataset {name!r} was built with tokenizer {meta.get('tokenizer')!r} "
                              f"(vocab {meta.get('vocab_size')}), but the run uses {tokenizer.spec!r} (vocab "
                              f"{tokenizer.vocab_size}); re-run `tessera preprocess` with the run's tokenizer")
-    if model_vocab_size and int(meta.get("vocab_size", 0)) > model_vocab_size:
-        raise TokenizerError(f"dataset {os.fspath(prefix)!r}: its tokenizer has {meta['vocab_size']} ids, larger "
+    if recorded and model_vocab_size and int(meta.get("vocab_size", 0)) > model_vocab_size:
+        raise TokenizerError(f"dataset {name!r}: its tokenizer has {meta['vocab_size']} ids, larger "
                              f"than model.vocab_size={model_vocab_size}")
+    vocab = model_vocab_size or tokenizer.vocab_size
+    has_range = meta is not None and "max_token_id" in meta and "min_token_id" in meta
+    if has_range and verify_token_ids == "meta":
+        lo, hi, how = meta["min_token_id"], meta["max_token_id"], f"as recorded in {meta_path(prefix)}"
+    elif scan_if_unrecorded or verify_token_ids == "scan":
+        rng = ds.token_range()
+        lo, hi = (None, None) if rng is None else rng
+        how = f"found by scanning {bin_path(prefix)}"
+        if has_range and (lo, hi) != (meta["min_token_id"], meta["max_token_id"]):
+            raise DataError(f"dataset {name!r}: {meta_path(prefix)} records token ids in "
+                            f"[{meta['min_token_id']}, {meta['max_token_id']}], but {bin_path(prefix)} holds ids in "
+                            f"[{lo}, {hi}]: the .bin was changed after it was written; re-run the preprocessing")
+    else:
+        return
+    unrecorded = "" if recorded else (f"; no tokenizer is recorded for this data ({meta_path(prefix).name} "
+                                      f"{'is missing' if meta is None else 'names none'}), so nothing shows it was "
+                                      f"tokenized with {tokenizer.spec!r}")
+    if hi is not None and (hi >= vocab or lo < 0):
+        what = (f"model.vocab_size={model_vocab_size}" if model_vocab_size
+                else f"tokenizer {tokenizer.spec!r}, {tokenizer.vocab_size} ids")
+        raise DataError(f"dataset {name!r}: expected token ids in [0, {vocab}) for the model vocabulary ({what}), "
+                        f"found ids in [{lo}, {hi}] ({how}){unrecorded}; re-run `tessera preprocess` with the "
+                        f"run's tokenizer or fix model.vocab_size")
+    if unrecorded:
+        warnings.warn(f"dataset {name!r}: its token ids [{lo}, {hi}] fit the vocabulary of {vocab} ({how})"
+                      f"{unrecorded}", UserWarning, stacklevel=2)
 
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_spec: str, workers: int = 1,
@@ -188,13 +236,14 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_spec: str, worke
                progress: bool = True, log: Callable[[str], None] = print) -> PreprocessStats:
     """Write OUTPUT_PREFIX.bin/.idx/.meta.json from the inputs (in order). Returns the statistics."""
     tok = build_tokenizer(tokenizer_spec)  # fail fast in the main process, before any worker starts
-    for path in inputs:
-        if path != "builtin:pydoc" and not Path(path).is_file():
-            raise SourceError(f"input file {path!r} does not exist")
+    for path in inputs:  # every input exists and is text, before anything is written
+        if path != BUILTIN_PYDOC:
+            check_text_file(path)
     stats = PreprocessStats()
     dedup = Deduplicator(cfg.exact_dedup, cfg.minhash_threshold)
     removed: collections.Counter = collections.Counter()
-    docs = (d for path in inputs for d in iter_documents(path, text_mode, json_key))
+    reports = [SourceReport(path) for path in inputs]
+    docs = (d for r in reports for d in iter_documents(r.path, text_mode, json_key, report=r))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -202,7 +251,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_spec: str, worke
         bar = tqdm(unit=" docs", desc=f"preprocess {Path(output_prefix).name}", file=sys.stderr, mininterval=0.5)
     t0 = time.perf_counter()
     dtype = token_dtype(tok.vocab_size)
-    with IndexedDatasetWriter(output_prefix, dtype) as writer:
+    with IndexedDatasetWriter(output_prefix, dtype) as writer:  # nothing replaced unless all inputs read
         for batch in _results(_batches(docs, BATCH_DOCS), tokenizer_spec, cfg, workers):
             for item in batch:
                 stats.docs_in += 1
@@ -223,18 +272,16 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_spec: str, worke
                 bar.update(len(batch))
                 dt = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f"{stats.tokens:,} tokens, {stats.bytes_in / 1e6 / dt:.2f} MB/s", refresh=False)
+        stats.removed = dict(removed)
+        stats.invalid_utf8 = {r.path: r.invalid_bytes for r in reports if r.invalid_bytes}
+        # .bin, .idx and meta.json are renamed into place together (see IndexedDatasetWriter.finalize)
+        writer.finalize({"tokenizer": tok.spec, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+                         "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "inputs": list(inputs),
+                         "text_mode": text_mode, "json_key": json_key, "cleaning": asdict(cfg),
+                         "removed": stats.removed, "invalid_utf8_bytes": stats.invalid_utf8})
     if bar is not None:
         bar.close()
     stats.seconds = time.perf_counter() - t0
-    stats.removed = dict(removed)
-    meta = {"tokenizer": tok.spec, "tokenizer_fingerprint": tokenizer_fingerprint(tok), "vocab_size": tok.vocab_size,
-            "eod_id": tok.eod_id, "dtype": str(token_dtype(tok.vocab_size)), "documents": stats.docs_out,
-            "tokens": stats.tokens, "inputs": list(inputs), "text_mode": text_mode, "json_key": json_key,
-            "cleaning": asdict(cfg), "removed": stats.removed}
-    meta_path = Path(f"{output_prefix}{META_SUFFIX}")
-    tmp = meta_path.with_name(meta_path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
     log(stats.summary())
     return stats
 
@@ -278,14 +325,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"tessera preprocess: --normalize: expected NFC, NFKC, NFD, NFKD or none, found {args.normalize!r}",
               file=sys.stderr)
         return 2
-    try:
-        preprocess(args.input, args.output_prefix, args.tokenizer, args.workers, args.text_mode, args.json_key,
-                   cfg, progress=not args.no_progress)
-    except (SourceError, TokenizerError, ValueError) as e:
-        print(f"tessera preprocess: error: {e}", file=sys.stderr)
-        return 1
+    # Errors (data 3, tokenizer 4, engine/errors.py) and interrupts are printed by the CLI's one error path
+    # (engine/cli.py main), which also honours --debug.
+    preprocess(args.input, args.output_prefix, args.tokenizer, args.workers, args.text_mode, args.json_key,
+               cfg, progress=not args.no_progress)
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `tessera preprocess` (engine/cli.py) is the entry point that prints errors as one line
     raise SystemExit(main())

@@ -1,30 +1,57 @@
 """Raw document sources: `builtin:pydoc`, plain text and JSONL files, optionally gzip/zstd compressed.
 
-Every reader is a generator of documents (str), streaming the file so memory stays flat in its size.
+Every reader is a generator of documents (str), streaming the file so memory stays flat in its size. A file
+that is not text (a .bin/.idx, an image, an unknown compression: NUL bytes or mostly invalid UTF-8 in its first
+64 KiB), or a truncated/corrupt .gz/.zst (also deep inside) raises SourceError naming it, instead of being
+trained on as text or failing with a zlib/zstd traceback.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
+import importlib.util
 import io
 import json
+import re
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, TextIO
+from typing import BinaryIO, Iterator, Literal, Optional
+
+from engine.errors import DataError
 
 BUILTIN_PYDOC = "builtin:pydoc"
 TextMode = Literal["blank", "line"]  # one document per blank-line-separated block, or per line
 
+SNIFF_BYTES = 64 << 10     # the first 64 KiB (after decompression) decide whether a file is text
+BINARY_SHARE = 0.30        # ... binary when this share of them is invalid UTF-8 or control bytes (or any NUL)
+_CONTROL = bytes(range(1, 9)) + bytes(range(14, 32)) + b"\x7f"   # not \t \n \v \f \r
+_ESCAPED = re.compile("[\udc80-\udcff]")  # invalid bytes, as decoded with errors="surrogateescape"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
-class SourceError(ValueError):
+
+class SourceError(DataError):
     """An input file is missing, unreadable or not in the expected format."""
 
 
+def _megatron_prefix(path: Path) -> Optional[str]:
+    """'d' for 'd.bin' / 'd.idx' (the file of a Megatron dataset given instead of its prefix), else None."""
+    if path.suffix in (".bin", ".idx"):
+        return str(path.with_suffix(""))
+    return None
+
+
 def is_raw_source(path: str) -> bool:
-    """True for inputs that need preprocessing (text/jsonl/builtin), False for a Megatron .bin/.idx prefix."""
+    """True for inputs that need preprocessing (text/jsonl/builtin), False for a Megatron .bin/.idx prefix
+    -- and False for the .bin or .idx file of one (PREFIX.bin with PREFIX.idx beside it): that is no text."""
     if path == BUILTIN_PYDOC:
         return True
     p = Path(path)
     if Path(path + ".idx").is_file() and Path(path + ".bin").is_file():
+        return False
+    prefix = _megatron_prefix(p)
+    if prefix is not None and Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file():
         return False
     return p.is_file()
 
@@ -40,23 +67,188 @@ def source_name(path: str) -> str:
     return name or "data"
 
 
-def _open_text(path: Path) -> TextIO:
-    """Open a possibly compressed file as UTF-8 text (invalid bytes replaced, so one bad byte never stops a run)."""
-    if not path.is_file():
-        raise SourceError(f"input file {str(path)!r} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    if head == b"\x28\xb5\x2f\xfd":
-        try:
-            import zstandard
-        except ImportError:
-            raise SourceError(f"input file {str(path)!r} is zstd-compressed; install the zstandard package") from None
+# --------------------------------------------------------------------------- decompression, errors as SourceError
+
+
+class _ZstdRaw(io.RawIOBase):
+    """A zstd stream (one or more frames) that raises EOFError when the input ends inside a frame.
+
+    (zstandard's stream_reader returns what it could decode and then b"": a truncated file read as complete.)
+    """
+
+    def __init__(self, f: BinaryIO):
+        import zstandard
+
+        self._f = f
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._fed = False   # the current frame has received input
+        self._out = b""      # decompressed bytes not yet returned: self._out[self._pos:]
+        self._pos = 0
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # noqa: ANN001 - RawIOBase protocol
+        while self._pos >= len(self._out) and not self._done:
+            chunk = self._f.read(1 << 16)  # small input chunks: zstd can expand them a lot
+            if not chunk:
+                if self._fed:
+                    raise EOFError("the input ended inside a zstd frame")
+                self._done = True
+                break
+            parts = []
+            while chunk:
+                self._fed = True
+                parts.append(self._obj.decompress(chunk))
+                chunk = b""
+                if self._obj.eof:  # a frame ended: the rest of the input starts the next one
+                    chunk = self._obj.unused_data
+                    self._obj = self._dctx.decompressobj()
+                    self._fed = False
+            self._out, self._pos = b"".join(parts), 0
+        n = min(len(b), len(self._out) - self._pos)
+        b[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+class _Guarded(io.RawIOBase):
+    """The decompressed bytes of one file; decompression errors become a SourceError naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.nbytes = 0
+        with open(path, "rb") as f:
+            head = f.read(4)
+        self.compression = "gzip" if head[:2] == b"\x1f\x8b" else "zstd" if head == _ZSTD_MAGIC else None
         raw = open(path, "rb")
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8",
-                                errors="replace")
-    return open(path, "r", encoding="utf-8", errors="replace")
+        try:
+            if self.compression == "gzip":
+                self._inner: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+                self._raw = raw
+            elif self.compression == "zstd":
+                if importlib.util.find_spec("zstandard") is None:
+                    raise SourceError(f"input file {str(path)!r} is zstd-compressed; install the zstandard "
+                                      f"package")
+                self._inner = _ZstdRaw(raw)  # type: ignore[assignment]
+                self._raw = raw
+            else:
+                self._inner, self._raw = raw, raw
+        except BaseException:
+            raw.close()
+            raise
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # noqa: ANN001
+        try:
+            n = self._inner.readinto(b)  # type: ignore[attr-defined]
+        except EOFError:
+            raise SourceError(f"input file {str(self.path)!r} ends early: the compressed stream is truncated "
+                              f"(expected the end of the {self.compression} stream, found the end of the file after "
+                              f"{self.nbytes} decompressed bytes)") from None
+        except (zlib.error, gzip.BadGzipFile) as e:
+            raise SourceError(f"input file {str(self.path)!r} is corrupt: expected a valid gzip stream, found an "
+                              f"error after {self.nbytes} decompressed bytes ({e})") from None
+        except Exception as e:
+            if type(e).__name__ == "ZstdError":
+                raise SourceError(f"input file {str(self.path)!r} is corrupt: expected a valid zstd stream, found "
+                                  f"an error after {self.nbytes} decompressed bytes ({e})") from None
+            raise
+        self.nbytes += n or 0
+        return n
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._raw.close()
+            super().close()
+
+
+def _not_text(path: Path, why: str) -> SourceError:
+    msg = f"input file {str(path)!r} looks binary, not text ({why}); expected UTF-8 text or JSONL"
+    prefix = _megatron_prefix(path)
+    if prefix is not None:
+        msg += (f"; a Megatron .bin/.idx dataset is given by its prefix without extension ({prefix!r}), not by its "
+                f"{path.suffix} file")
+    return SourceError(msg)
+
+
+def _binary_reason(head: bytes, complete: bool) -> Optional[str]:
+    """Why `head` (the first bytes of a file) is not text, or None. complete: it is the whole file."""
+    if not head:
+        return None
+    if b"\x00" in head:
+        return f"NUL bytes in its first {len(head)} bytes"
+    text = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode(head, final=complete)
+    invalid = len(_ESCAPED.findall(text))
+    control = len(head) - len(head.translate(None, _CONTROL))
+    if invalid + control > BINARY_SHARE * len(head):
+        return (f"{invalid} invalid UTF-8 and {control} control bytes in its first {len(head)} bytes, expected "
+                f"at most {BINARY_SHARE:.0%}")
+    return None
+
+
+def check_text_file(path: str | Path) -> None:
+    """Raise SourceError unless PATH exists and its first 64 KiB (decompressed) look like text. Only reads."""
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"input file {str(p)!r} does not exist")
+    with _Guarded(p) as g:
+        head = io.BufferedReader(g).read(SNIFF_BYTES)
+        complete = len(head) < SNIFF_BYTES
+    why = _binary_reason(head, complete)
+    if why is not None:
+        raise _not_text(p, why)
+
+
+@dataclass
+class SourceReport:
+    """What reading one input found: decompressed bytes read, invalid UTF-8 bytes replaced by U+FFFD."""
+
+    path: str
+    bytes_read: int = 0
+    invalid_bytes: int = 0
+
+
+class _TextLines:
+    """Lines of a (possibly compressed) UTF-8 file. Invalid bytes become U+FFFD (one per byte), counted in the
+    report, so one bad byte never stops a run; a file that is mostly invalid is refused as binary."""
+
+    def __init__(self, path: Path, report: Optional[SourceReport] = None):
+        check_text_file(path)
+        self.path = path
+        self.report = report if report is not None else SourceReport(str(path))
+        self._raw = _Guarded(path)
+        self._text = io.TextIOWrapper(io.BufferedReader(self._raw), encoding="utf-8", errors="surrogateescape")
+
+    def __iter__(self) -> Iterator[str]:
+        rep = self.report
+        for line in self._text:
+            if not line.isascii():
+                try:
+                    line.encode("utf-8")  # fast C check: lone surrogates (escaped invalid bytes) do not encode
+                except UnicodeEncodeError:
+                    line, n = _ESCAPED.subn("\ufffd", line)
+                    rep.invalid_bytes += n
+            yield line
+        rep.bytes_read = self._raw.nbytes
+        if rep.invalid_bytes > BINARY_SHARE * max(rep.bytes_read, 1):
+            raise _not_text(self.path, f"{rep.invalid_bytes} of its {rep.bytes_read} bytes are invalid UTF-8")
+
+    def __enter__(self) -> "_TextLines":
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self._text.close()
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -75,8 +267,8 @@ def iter_pydoc() -> Iterator[str]:
         yield topics[key]
 
 
-def iter_text(path: Path, mode: TextMode = "blank") -> Iterator[str]:
-    with _open_text(path) as f:
+def iter_text(path: Path, mode: TextMode = "blank", report: Optional[SourceReport] = None) -> Iterator[str]:
+    with _TextLines(path, report) as f:
         if mode == "line":
             for line in f:
                 line = line.rstrip("\n")
@@ -94,8 +286,8 @@ def iter_text(path: Path, mode: TextMode = "blank") -> Iterator[str]:
             yield "".join(block).rstrip("\n")
 
 
-def iter_jsonl(path: Path, key: str = "text") -> Iterator[str]:
-    with _open_text(path) as f:
+def iter_jsonl(path: Path, key: str = "text", report: Optional[SourceReport] = None) -> Iterator[str]:
+    with _TextLines(path, report) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -114,8 +306,13 @@ def iter_jsonl(path: Path, key: str = "text") -> Iterator[str]:
             yield text
 
 
-def iter_documents(path: str, text_mode: TextMode = "blank", json_key: str = "text") -> Iterator[str]:
-    """Documents of one input: builtin:pydoc, *.jsonl[.gz|.zst] (by key), or text (by blank line or line)."""
+def iter_documents(path: str, text_mode: TextMode = "blank", json_key: str = "text",
+                   report: Optional[SourceReport] = None) -> Iterator[str]:
+    """Documents of one input: builtin:pydoc, *.jsonl[.gz|.zst] (by key), or text (by blank line or line).
+
+    Binary files are refused (SourceError), and so are truncated or corrupt compressed ones, also when the
+    damage is far into the file; `report`, if given, receives the bytes read and invalid UTF-8 bytes replaced.
+    """
     if path == BUILTIN_PYDOC:
         yield from iter_pydoc()
         return
@@ -123,6 +320,6 @@ def iter_documents(path: str, text_mode: TextMode = "blank", json_key: str = "te
     if not p.is_file():
         raise SourceError(f"input file {path!r} does not exist")
     if _is_jsonl(p):
-        yield from iter_jsonl(p, json_key)
+        yield from iter_jsonl(p, json_key, report)
     else:
-        yield from iter_text(p, text_mode)
+        yield from iter_text(p, text_mode, report)

@@ -10,8 +10,10 @@ import hashlib
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
+from engine.errors import TokenizerProblem
 
-class TokenizerError(ValueError):
+
+class TokenizerError(TokenizerProblem):
     """A tokenizer file is missing or invalid, or data was built with another tokenizer."""
 
 

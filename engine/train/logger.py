@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -37,11 +38,13 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps(record) + "\n")
+        # JSON has no NaN/Infinity: a non-finite number is written as null (a skipped step's grad norm)
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._jsonl.write(json.dumps(clean, allow_nan=False) + "\n")
         if self._tb is not None:
             step = record["step"]
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
+            for k, v in clean.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k if "/" in k else f"train/{k}" if not k.startswith("val") else k, v, step)
 
     def console(self, line: str) -> None:

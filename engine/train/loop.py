@@ -8,22 +8,26 @@ and the process group.
 from __future__ import annotations
 
 import gc
-import math
 import resource
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from engine import __version__
 from engine.config import Config
+from engine.data.build import check_data_sources
+from engine.errors import NumericalFault, PeerFailure, TesseraError
 from engine.parallel.state import ParallelState
 from engine.train.flops import peak_tflops, training_flops_per_token
 from engine.train.logger import MetricsLogger
-from engine.train.run_dir import prepare_run_dir
+from engine.train.run_dir import RunLock, check_run_dir, prepare_run_dir
 from engine.train.trainer import Trainer, resolve_vocab
+from engine.train.watchdog import Watchdog
 
 __all__ = ["TrainResult", "resolve_vocab", "train"]
 
@@ -70,14 +74,77 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
             pstate.destroy()
 
 
+_PEER_FAILURE = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "timed out",
+                 "NCCL communicator was aborted", "Broken pipe")
+
+
+def _agree(pstate: ParallelState, check: Callable[[], None]) -> None:
+    """Run a read-only check on rank 0 and make every rank raise what it raised (or nothing), so a bad input
+    stops the whole job with one message instead of leaving the other ranks waiting for rank 0."""
+    if not pstate.is_distributed:
+        check()
+        return
+    err: list[Optional[BaseException]] = [None]
+    failure: Optional[BaseException] = None
+    if pstate.is_rank0:
+        try:
+            check()
+        except Exception as e:  # noqa: BLE001 - every rank must learn that rank 0 stopped, whatever the cause
+            failure = e
+            err[0] = e if isinstance(e, (TesseraError, OSError)) else PeerFailure(
+                f"rank 0 stopped in its start-up checks ({type(e).__name__}: {e})")
+    dist.broadcast_object_list(err, src=0)
+    if failure is not None:
+        raise failure
+    if err[0] is not None:
+        raise err[0]
+
+
+def _straggler_note(times: list[float], factor: float) -> tuple[dict, str]:
+    """Per-rank mean busy times (data + forward/backward) of the last log window -> metrics fields and a
+    console note."""
+    ordered = sorted(times)
+    median = statistics.median(ordered)
+    slow = [r for r, x in enumerate(times) if median > 0 and x > factor * median]
+    fields = {"busy_time_median": median, "busy_time_max": ordered[-1], "slow_ranks": slow}
+    note = f" | slow ranks {slow} (> {factor:g}x the median {median * 1e3:.0f} ms)" if slow else ""
+    return fields, note
+
+
 def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
     t = cfg.train
-    device = pstate.device
-    tokenizer = resolve_vocab(cfg)  # before the run dir: config.yaml holds the resolved vocabulary
     out_dir = Path(t.out_dir)
+    # Everything is checked before anything is written: the config (already), the tokenizer, the run
+    # directory, the data. Only then is the directory locked and, once the datasets are built, prepared.
+    tokenizer = resolve_vocab(cfg)  # config.yaml holds the resolved vocabulary
+    _agree(pstate, lambda: check_run_dir(out_dir, t.allow_foreign_dir))
+    _agree(pstate, lambda: check_data_sources(cfg, tokenizer, cfg.data.verify_token_ids))
+    lock: list[Optional[RunLock]] = [None]
+    _agree(pstate, lambda: lock.__setitem__(0, RunLock(out_dir)))
+    watchdog = Watchdog(60.0 * cfg.parallel.timeout_minutes + 10.0, pstate.rank, pstate.world_size).start() \
+        if pstate.is_distributed else None
+    try:
+        return _run(cfg, pstate, tokenizer, out_dir, watchdog)
+    except RuntimeError as e:
+        if watchdog is None or not any(m in str(e) for m in _PEER_FAILURE):
+            raise
+        first = str(e).strip().splitlines()[-1][:300]
+        raise PeerFailure(f"a peer rank died or a collective did not finish within parallel.timeout_minutes="
+                          f"{cfg.parallel.timeout_minutes:g} during '{watchdog.phase}' of step {watchdog.step} "
+                          f"({first})") from e
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if lock[0] is not None:
+            lock[0].release()
+
+
+def _run(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path, watchdog: Optional[Watchdog]) -> TrainResult:
+    t = cfg.train
+    device = pstate.device
+    trainer = Trainer(cfg, pstate, tokenizer, watchdog)  # builds the datasets (caches) too
     if pstate.is_rank0:
-        prepare_run_dir(out_dir, cfg)
-    trainer = Trainer(cfg, pstate, tokenizer)
+        prepare_run_dir(out_dir, cfg, __version__)  # archive a previous run's files, write config.yaml
 
     flops_per_token = training_flops_per_token(cfg.model, cfg.seq_len)
     peak = peak_tflops(device, cfg.precision.dtype)
@@ -89,16 +156,24 @@ def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
         logger.console(f"tessera: {n_params:,} parameters ({cfg.model.vocab_size} vocab, padded to "
                        f"{trainer.model.padded_vocab} at run time), {pstate.describe()}, {trainer.n_micro} "
                        f"micro-batches/step, {cfg.precision.dtype}, {len(trainer.train_set):,} train samples")
-    window_tokens, window_time = 0, 0.0
+    window_tokens, window_time, window_busy, window_steps = 0, 0.0, 0.0, 0
     try:
         for _ in range(t.iters):
-            out = trainer.train_step()
+            try:
+                out = trainer.train_step()
+            except NumericalFault as e:  # the stopping step is in metrics.jsonl too
+                logger.log({"step": trainer.iteration, "fault": str(e)})
+                raise
             done = trainer.iteration
             result.losses.append(out.loss)
             result.step_times.append(out.seconds)
             result.skipped_steps += int(out.skipped)
+            if out.fault is not None:
+                logger.console(f"step {done:>6}/{t.iters} | skipped: {out.fault}")
             window_tokens += t.global_batch_size * cfg.seq_len
             window_time += out.seconds
+            window_busy += out.busy_seconds
+            window_steps += 1
             logger.advance(1, {"loss": f"{out.loss:.4f}", "lr": f"{out.lr:.2e}"})
             if done % t.log_interval == 0 or done == t.iters:
                 tok_s = window_tokens / window_time
@@ -108,12 +183,17 @@ def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
                           "loss_scale": scale, "tokens_per_s": tok_s, "tflops": tflops,
                           "mfu": tflops / peak if peak else None, "mem_gb": _peak_memory_gb(device),
                           "skipped_steps": result.skipped_steps}
+                note = ""
+                if pstate.is_distributed:  # one small collective per log interval: every rank's step time
+                    fields, note = _straggler_note(trainer.rank_step_times(window_busy / window_steps),
+                                                   t.straggler_factor)
+                    record.update(fields)
                 logger.log(record)
                 mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a (no peak figure for this device)"
                 logger.console(f"step {done:>6}/{t.iters} | loss {out.loss:.4f} | lr {out.lr:.3e} | grad norm "
                                f"{out.grad_norm:.3f} | {tok_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/device | MFU {mfu} | "
-                               f"mem {record['mem_gb']:.2f} GB" + (f" | scale {scale:g}" if scale else ""))
-                window_tokens, window_time = 0, 0.0
+                               f"mem {record['mem_gb']:.2f} GB" + (f" | scale {scale:g}" if scale else "") + note)
+                window_tokens, window_time, window_busy, window_steps = 0, 0.0, 0.0, 0
             if t.eval_interval and trainer.valid_sets and (done % t.eval_interval == 0 or done == t.iters):
                 vals = trainer.evaluate()
                 if vals:
@@ -122,8 +202,6 @@ def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
                                 **{f"val_loss/{k}": v for k, v in vals.items()}})
                     logger.console(f"step {done:>6}/{t.iters} | val loss " +
                                    ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
-            if not math.isfinite(out.loss) and trainer.scaler is None:
-                raise FloatingPointError(f"loss became {out.loss} at step {done}; lower optim.lr or check the data")
     finally:
         logger.close()
 

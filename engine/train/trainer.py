@@ -31,12 +31,15 @@ from engine.config import Config, ConfigError
 from engine.data import PretrainingSampler, Tokenizer, build_datasets, build_tokenizer
 from engine.model.loss import lm_loss
 from engine.optim import lr_at
+from engine.parallel.collectives import all_gather_flat
 from engine.parallel.pipeline.executor import forward_backward_pipeline, forward_only_pipeline
 from engine.parallel.random import seed_parallel_rng
 from engine.parallel.state import ParallelState, all_reduce_max
 from engine.precision import DynamicLossScaler, autocast, unscale_and_check
 from engine.train.build import Built, build
+from engine.train.faults import FaultMonitor
 from engine.train.step import complete_grads, forward_backward, forward_only, split_batch
+from engine.train.watchdog import Watchdog
 from engine.checkpoint.weights import save_weights
 
 __all__ = ["StepResult", "Trainer", "resolve_vocab"]
@@ -60,9 +63,11 @@ def resolve_vocab(cfg: Config) -> Tokenizer:
 class StepResult:
     loss: float  # mean over the global batch
     lr: float
-    grad_norm: float  # nan for a skipped (overflowing) step
-    skipped: bool
+    grad_norm: float  # nan for an fp16 overflow (the norm is not computed) or a non-finite gradient
+    skipped: bool  # no update: fp16 overflow, or a fault
     seconds: float
+    fault: Optional[str] = None  # why the step was skipped as a fault (engine/train/faults.py)
+    busy_seconds: float = 0.0  # data + forward/backward on this rank, before it waits for the others
 
 
 def _loader(dataset, sampler: PretrainingSampler) -> Iterator[dict]:
@@ -81,9 +86,12 @@ def _sync_mean(values: list[float], group, device: torch.device) -> float:
 class Trainer:
     """One run's state and step. `cfg` must be validated; `pstate` describes this rank."""
 
-    def __init__(self, cfg: Config, pstate: ParallelState, tokenizer: Optional[Tokenizer] = None) -> None:
+    def __init__(self, cfg: Config, pstate: ParallelState, tokenizer: Optional[Tokenizer] = None,
+                 watchdog: Optional[Watchdog] = None) -> None:
         self.cfg, self.pstate = cfg, pstate
+        self.watchdog = watchdog
         t = cfg.train
+        self.faults = FaultMonitor(t.max_bad_steps, t.bad_step_window, t.loss_spike_zscore, t.loss_spike_window)
         seed_parallel_rng(t.seed, pstate)  # default stream per pp stage + a per-tp-rank stream for dropout
         self.tokenizer = tokenizer or resolve_vocab(cfg)  # it fixes the vocabulary the model is built for
         self.out_dir = Path(t.out_dir)
@@ -106,7 +114,8 @@ class Trainer:
         cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out_dir / "data_cache"
         barrier = (lambda: dist.barrier()) if pstate.is_distributed else (lambda: None)
         self.train_set, self.valid_sets = build_datasets(cfg, self.tokenizer, max(train_samples, 1), valid_samples,
-                                                         cache_dir, is_builder=pstate.is_rank0, barrier=barrier)
+                                                         cache_dir, is_builder=pstate.is_rank0, barrier=barrier,
+                                                         verify_token_ids=cfg.data.verify_token_ids)
         self._total_samples = max(train_samples, t.global_batch_size)
         self._open_train_iter()
 
@@ -162,31 +171,65 @@ class Trainer:
         return forward_backward(b.forward, batches, self.cfg.model.vocab_size, self._autocast, loss_scale=scale,
                                 no_sync=b.ddp.no_sync, fused=self._fused, pstate=self.pstate)
 
+    def _beat(self, step: int, phase: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(step, phase)
+
+    def _idle(self, phase: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.idle(phase)
+
     def train_step(self) -> StepResult:
-        """One optimizer step over one global batch."""
+        """One optimizer step over one global batch. A step whose loss or gradient norm is not finite, or
+        whose loss spikes, is skipped (no update) and counted (engine/train/faults.py): every rank decides
+        alike, from the global loss and norm, with no extra device sync."""
         t0 = time.perf_counter()
         b, o = self.built, self.cfg.optim
+        step = self.iteration + 1
         lr = lr_at(self.iteration, o, self.cfg.train.iters)
         b.optimizer.set_lr(lr)
         b.ddp.zero_grad()
         scale = self.scaler.scale if self.scaler else 1.0
-        losses = self._forward_backward(self._next_batches(), scale)
+        self._beat(step, "data loading")
+        batches = self._next_batches()
+        self._beat(step, "forward/backward")
+        losses = self._forward_backward(batches, scale)
+        busy = time.perf_counter() - t0  # this rank's own work; waiting for slower ranks comes after
+        self._beat(step, "gradient reduction")
         complete_grads(b.chunks, b.specs, self.pstate, b.ddp, b.tied)  # tied copies, dp mean, tp sums
-        found_inf = False
-        if self.scaler is not None:
-            found_inf = all_reduce_max(float(unscale_and_check(b.optimizer.local_grads(), scale)), self.pstate) > 0
-            self.scaler.update(found_inf)
-        if found_inf:
-            grad_norm = float("nan")
-        else:
+        loss = _sync_mean(losses, self.pstate.dp_group, self.pstate.device)  # the global-batch loss, every rank
+        verdict = self.faults.check_loss(loss)
+        overflow = False
+        if self.scaler is not None:  # fp16: an overflow is the loss scaler's business, not a fault
+            overflow = all_reduce_max(float(unscale_and_check(b.optimizer.local_grads(), scale)), self.pstate) > 0
+            self.scaler.update(overflow)
+        grad_norm = float("nan")
+        if not overflow:
+            self._beat(step, "gradient norm")
             grad_norm = b.optimizer.clip_grad_norm(o.grad_clip)  # norm over tp, pp and dp shards, once each
-            b.optimizer.step()
-        loss = _sync_mean(losses, self.pstate.dp_group, self.pstate.device)
+            if not verdict.bad:
+                verdict = self.faults.check_grad_norm(grad_norm)
+            if not verdict.bad:
+                self._beat(step, "optimizer step")
+                b.optimizer.step()
         self.iteration += 1
         self.consumed_samples += self.cfg.train.global_batch_size
         if self.pstate.device.type == "cuda":
             torch.cuda.synchronize(self.pstate.device)
-        return StepResult(loss, lr, grad_norm, found_inf, time.perf_counter() - t0)
+        self._idle("between steps")  # logging, evaluation and saving come next
+        self.faults.record(step, loss, verdict)  # raises NumericalFault after too many bad steps
+        return StepResult(loss, lr, grad_norm, overflow or verdict.bad, time.perf_counter() - t0, verdict.reason,
+                          busy)
+
+    def rank_step_times(self, mean_seconds: float) -> list[float]:
+        """Every rank's mean busy time per step (collective over the world; straggler detection at log
+        intervals). Busy, not wall: in synchronous training every rank's wall time waits for the slowest."""
+        t = torch.tensor([mean_seconds], dtype=torch.float64, device=self.pstate.device)
+        if not self.pstate.is_distributed:
+            return [mean_seconds]
+        out = torch.zeros(self.pstate.world_size, dtype=torch.float64, device=self.pstate.device)
+        all_gather_flat(out, t)
+        return out.tolist()
 
     # ------------------------------------------------------------ evaluation
     def _forward_only(self, batches: list[dict[str, torch.Tensor]]) -> list[float]:
@@ -203,6 +246,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the first `eval_iters` global batches of each validation set (the same batches
         every time; Megatron's convention: global batches, so the value does not depend on the dp size)."""
+        self._idle("evaluation")  # its length is the user's (eval_iters): not watched
         for c in self.chunks:
             c.eval()
         out = {}
@@ -263,6 +307,7 @@ class Trainer:
             "consumed_per_dataset": self.train_set.samples_drawn(self.consumed_samples),
             "schedule": {"iteration": self.iteration, "total_iters": self.cfg.train.iters},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "faults": self.faults.state_dict(),
             "rng": {"rank": self.pstate.rank, **self._rng_state()},
             "model": {n: q.detach().clone() for c in b.chunks for n, q in c.named_parameters()},
             "specs": dict(b.specs),
@@ -287,6 +332,7 @@ class Trainer:
         self.built.optimizer.load_state_dict(sd["optimizer"])
         if self.scaler is not None and sd["scaler"] is not None:
             self.scaler.load_state_dict(sd["scaler"])
+        self.faults.load_state_dict(sd["faults"])
         self.iteration = int(sd["iteration"])
         self.consumed_samples = int(sd["consumed_samples"])
         self._open_train_iter()  # before the RNG: opening a DataLoader iterator draws from torch's generator

@@ -2,7 +2,7 @@
 within the process-group timeout (`parallel.timeout_minutes`), instead of hanging for the 30-minute default.
 
 No wall-clock bound (the shared 2-core machine makes those flaky): the output says WHY the job ended. A
-dead peer is noticed through the reset connection (no timeout involved); a hung peer through gloo's
+dead peer is noticed through the reset or closed connection (no timeout involved); a hung peer through gloo's
 "Timed out waiting 6000ms", i.e. the configured 6 s and not the default 30 minutes. The subprocess limit
 is only a safety net against a real hang.
 """
@@ -59,7 +59,8 @@ def test_failed_rank_fails_the_job(tmp_path, mode):
     assert "finished without noticing" not in out
     if mode == "die":
         assert "exitcode  : 3" in out, out[-3000:]  # torchrun reports the dead rank's own exit code
-        assert "Connection reset by peer" in out, out[-3000:]  # rank 0 noticed at once, not by a timeout
+        # rank 0 noticed at once, through the socket, not by a timeout (gloo words it either way)
+        assert "Connection reset by peer" in out or "Connection closed by peer" in out, out[-3000:]
         assert "Timed out" not in out, out[-3000:]
     else:
         assert "Timed out waiting 6000ms" in out, out[-3000:]  # the configured 6 s fired
