@@ -1,4 +1,5 @@
-"""`tessera ...` / `python -m engine ...`: train, config show, generate, preprocess, tokenizer, bench."""
+"""`tessera ...` / `python -m engine ...`: train, config show, checkpoint inspect/export, generate, preprocess,
+tokenizer, bench."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import traceback
 from typing import Optional
 
 from engine import __version__
-from engine.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, RunDirError, TesseraError
+from engine.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, RunDirError, RunStopped, TesseraError
 
 # Subcommands implemented by their own module's `main(argv) -> int` (they parse their own flags).
 DELEGATED = {
@@ -26,13 +27,15 @@ BENCHES = {
     "parallel": ("engine.bench.parallel", "Tensor-parallel step time and communication share on CPU processes."),
     "dp": ("engine.bench.data_parallel", "Data parallel: optimizer-state memory per rank, step time with/without overlap."),
     "build": ("engine.bench.build", "Model construction: wall time and peak memory per tensor-parallel rank."),
+    "checkpoint": ("engine.bench.checkpoint", "Sharded checkpoints: sync/async save, training blocked, load, size."),
 }
 TOKENIZER_CMDS = {
     "train": ("engine.data.tokenizer_train", "Train a SentencePiece tokenizer (bpe or unigram)."),
 }
 
 EPILOG = """exit codes: 0 done, 2 configuration, 3 data, 4 tokenizer, 5 checkpoint, 6 run directory or file
-system, 7 numerical fault, 8 a peer rank died or a collective timed out, 130 interrupted, 143 terminated;
+system, 7 numerical fault, 8 a peer rank died or a collective timed out, 75 stopped early with a checkpoint
+(signal or checkpoint.time_limit: resume with checkpoint.load=auto), 130 interrupted, 143 terminated;
 one line per error (add --debug, or set TESSERA_DEBUG=1, for the traceback).
 
 examples:
@@ -41,6 +44,9 @@ examples:
   torchrun --nproc-per-node 8 -m engine train examples/llama_1b.yaml parallel.tp=2
   tessera config show examples/tiny.yaml --doc
   tessera generate runs/tiny --prompt "The " --max-tokens 200
+  tessera generate ckpt/tiny --prompt "The "       (a checkpoint root: the checkpoint `latest` names)
+  tessera checkpoint inspect ckpt/tiny/step-0000120 --json
+  tessera checkpoint export ckpt/tiny exported/tiny --dtype bf16
   tessera bench train examples/tiny.yaml
 """
 
@@ -79,9 +85,36 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", help="section.key=value overrides")
     show.add_argument("--doc", action="store_true", help="list every field with its default and documentation")
 
-    gen = sub.add_parser("generate", help="Sample text from a trained run.",
-                         description="Sample text from a run directory written by `tessera train`.")
-    gen.add_argument("run_dir", help="run directory (train.out_dir of the run)")
+    ck = sub.add_parser("checkpoint", help="Inspect or export checkpoints.",
+                        description="Inspect or export checkpoints (checkpoint.dir of a run). PATH is a "
+                                    "step-NNNNNNN/ directory or a checkpoint root (= the checkpoint its `latest` "
+                                    "names).")
+    cksub = ck.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
+    ins = cksub.add_parser("inspect", help="Show iteration, layout, config, every tensor and the sizes.",
+                           description="Show what a checkpoint holds (iteration, the layout it was saved with, "
+                                       "engine version, lineage, the resolved config, every tensor's name, global "
+                                       "shape and dtype, sizes) without loading it. An incomplete step directory "
+                                       "is shown too, marked incomplete.")
+    ins.add_argument("path", metavar="PATH", help="step-NNNNNNN/ directory or checkpoint root")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of text")
+    exp = cksub.add_parser("export", help="Write OUT/model.safetensors + OUT/config.yaml (consolidated weights).",
+                           description="Consolidate a checkpoint's model weights, whatever layout saved them, into "
+                                       "OUT/model.safetensors (canonical names, real vocabulary) with its resolved "
+                                       "OUT/config.yaml: what `tessera generate OUT` and other tools read. One "
+                                       "process, one tensor at a time. OUT must be new, empty or an earlier export.",
+                           epilog="example: tessera checkpoint export ckpt/tiny exported/tiny --dtype bf16")
+    exp.add_argument("path", metavar="PATH", help="step-NNNNNNN/ directory or checkpoint root")
+    exp.add_argument("out", metavar="OUT", help="directory to write (created if missing)")
+    exp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                     help="cast the weights (default: as saved)")
+
+    gen = sub.add_parser("generate", help="Sample text from a trained run or a checkpoint.",
+                         description="Sample text from a run directory written by `tessera train` (or by "
+                                     "`tessera checkpoint export`), or straight from a checkpoint: a "
+                                     "step-NNNNNNN/ directory or a checkpoint root (the checkpoint its `latest` "
+                                     "names), whatever layout saved it.")
+    gen.add_argument("run_dir", metavar="PATH", help="run directory (train.out_dir of the run), or a checkpoint "
+                     "(step-NNNNNNN/ or checkpoint.dir of the run)")
     gen.add_argument("--prompt", default="", help="text to continue")
     gen.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (default 200)")
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
@@ -126,6 +159,23 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    if args.checkpoint_command == "inspect":
+        import json
+
+        from engine.checkpoint.inspect import describe, render_text
+
+        d = describe(args.path)
+        print(json.dumps(d, indent=1) if args.json else render_text(d), end="\n" if args.json else "")
+        return 0
+    from engine.checkpoint.export import export_checkpoint
+
+    e = export_checkpoint(args.path, args.out, args.dtype)
+    print(f"tessera: exported {e.source} (step {e.iteration}, {e.tensors} tensors, {e.nbytes:,} bytes) to "
+          f"{e.weights} and {e.config.name}" + (" (replacing the earlier export)" if e.replaced else ""))
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from engine.config import ConfigError
     from engine.generate import generate_text, load_run
@@ -166,6 +216,8 @@ def _one_line(e: BaseException) -> tuple[str, int]:
         return f"interrupted{_where()} (SIGINT); the run stopped, files already written are kept", EXIT_INTERRUPTED
     if isinstance(e, Terminated):
         return f"terminated{_where()} (SIGTERM); the run stopped, files already written are kept", EXIT_TERMINATED
+    if isinstance(e, RunStopped):
+        return f"stopped{_where()}: {e}", e.exit_code
     if isinstance(e, OSError) and not isinstance(e, TesseraError):
         return f"error{_where()}: {_os_error_line(e)}", RunDirError.exit_code
     return f"error{_where()}: {e}", e.exit_code
@@ -176,6 +228,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_train(args)
     if args.command == "config":
         return _cmd_config(args)
+    if args.command == "checkpoint":
+        return _cmd_checkpoint(args)
     if args.command == "generate":
         return _cmd_generate(args)
     if args.command == "tokenizer":

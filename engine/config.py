@@ -54,7 +54,8 @@ class _Bounds(typing.NamedTuple):
         return f"{'an integer' if integer else 'a number'} in {interval}"
 
 
-def _doc(text: str, *, bounds: Optional[str] = None, path: Optional[str] = None, **kw: Any) -> Any:
+def _doc(text: str, *, bounds: Optional[str] = None, path: Optional[str] = None,
+         metadata_alias: Optional[str] = None, **kw: Any) -> Any:
     """A dataclass field whose documentation lives in its metadata (shown by `config show --doc`).
 
     `bounds`: the interval of valid values of a number (or of each number of a list), checked by
@@ -66,6 +67,8 @@ def _doc(text: str, *, bounds: Optional[str] = None, path: Optional[str] = None,
         meta["bounds"] = _Bounds.parse(bounds)
     if path is not None:
         meta["path"] = path
+    if metadata_alias is not None:  # another key accepted in YAML and overrides (a Python keyword: `async`)
+        meta["alias"] = metadata_alias
     return field(metadata=meta, **kw)
 
 
@@ -245,9 +248,32 @@ class PrecisionConfig:
                          bounds="[1, inf)")
 
 
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = _doc("Checkpoint root (step-NNNNNNN/ directories and `latest`). null = no checkpoints. "
+                              "A checkpoint is written every `interval` steps and at the end of training.",
+                              default=None, path="a directory path")
+    interval: int = _doc("Save every N steps; 0 = only at the end (and on SIGTERM/SIGUSR1/time_limit).",
+                         default=0, bounds="[0, inf)")
+    keep: int = _doc("Keep the last N complete checkpoints (never the one `latest` names); 0 = keep all.",
+                     default=3, bounds="[0, inf)")
+    keep_every: int = _doc("Also keep every checkpoint whose step is a multiple of this; 0 = off.", default=0,
+                           bounds="[0, inf)")
+    async_save: bool = _doc("Write in the background (YAML key `async` works too): training is blocked only "
+                            "while the state is copied to host memory.", default=False, metadata_alias="async")
+    load: Optional[str] = _doc("Resume from this checkpoint (a step-NNNNNNN/ directory, or a checkpoint root = "
+                               "the one its `latest` names), or `auto` = the latest complete one in `dir` "
+                               "(nothing if there is none).", default=None, path="a checkpoint path or auto")
+    time_limit: Optional[float] = _doc("Wall-clock budget of this job in minutes: save and exit (code 75) before "
+                                       "it runs out. null = none.", default=None, bounds="(0, inf)")
+    init_from: Optional[str] = _doc("Start from these weights (a checkpoint path as for `load`) with a fresh "
+                                    "optimizer, schedule and data position. Ignored when `load` finds a "
+                                    "checkpoint.", default=None, path="a checkpoint path")
+
+
 _SECTIONS = {
     "model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "train": TrainConfig,
-    "optim": OptimConfig, "precision": PrecisionConfig,
+    "optim": OptimConfig, "precision": PrecisionConfig, "checkpoint": CheckpointConfig,
 }
 
 
@@ -259,6 +285,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     # ------------------------------------------------------------ derived values
     @property
@@ -482,8 +509,13 @@ def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
 def _build(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
+    aliases = {f.metadata["alias"]: f.name for f in dataclasses.fields(cls) if "alias" in f.metadata}
     kwargs = {}
     for key, value in data.items():
+        if key in aliases:
+            if aliases[key] in data:
+                raise ConfigError(f"{where}.{key} and {where}.{aliases[key]} are the same setting; give one")
+            key = aliases[key]
         if key not in fields:
             raise _unknown_key(cls, _key_text(key), where)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
@@ -516,9 +548,16 @@ def _apply_override(tree: dict, path: list[str], value: Any) -> None:
         where = ".".join(path[:i])
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"override {'.'.join(path)}: {where} is not a section")
-        if part not in {f.name for f in dataclasses.fields(cls)}:
+        names = {f.name for f in dataclasses.fields(cls)}
+        aliases = {f.metadata["alias"]: f.name for f in dataclasses.fields(cls) if "alias" in f.metadata}
+        if part in aliases:
+            part = aliases[part]
+        if part not in names:
             raise _unknown_key(cls, part, where)
         if i == len(path) - 1:
+            for alias, name in aliases.items():  # an override replaces the file's value given by the alias
+                if name == part:
+                    node.pop(alias, None)
             node[part] = value
         else:
             cls = typing.get_type_hints(cls)[part]
@@ -755,6 +794,16 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if o.decay_iters is not None:
         _check(o.decay_iters > o.warmup_iters,
                f"optim.decay_iters={o.decay_iters} must be greater than optim.warmup_iters={o.warmup_iters}")
+    c = cfg.checkpoint
+    if c.load is not None and c.load != "auto":
+        _check(c.load.strip() != "", "checkpoint.load: expected a checkpoint path or auto, found ''")
+    _check(c.load != "auto" or c.dir is not None,
+           "checkpoint.load=auto looks for the latest checkpoint in checkpoint.dir: set checkpoint.dir")
+    for name in ("interval", "time_limit", "async_save"):
+        value = getattr(c, name)
+        _check(c.dir is not None or not value,
+               f"checkpoint.{'async' if name == 'async_save' else name}={value} needs checkpoint.dir (where to "
+               f"write); set checkpoint.dir or remove it")
     pr = cfg.precision
     _check(pr.min_loss_scale <= pr.initial_loss_scale,
            f"precision.min_loss_scale: expected at most precision.initial_loss_scale={pr.initial_loss_scale}, "

@@ -9,7 +9,8 @@ CLI prints it as one line (no traceback unless `--debug` or TESSERA_DEBUG=1) and
 Exit codes (documented in docs/reliability.md and `tessera --help`):
     2 configuration   3 data   4 tokenizer   5 checkpoint   6 run directory / file system
     7 numerical fault (too many bad steps)   8 a peer rank died or a collective timed out
-    130 interrupted (SIGINT)   143 terminated (SIGTERM)
+    75 stopped early with a checkpoint (SIGTERM/SIGUSR1/SIGINT or checkpoint.time_limit; resume with
+       checkpoint.load=auto)   130 interrupted (SIGINT)   143 terminated (SIGTERM)
 
 The data-layer errors (SourceError, IndexedDatasetError, DatasetBuildError) and TokenizerError derive
 from these, and stay ValueErrors, so existing `except ValueError` callers keep working.
@@ -64,8 +65,16 @@ class PeerFailure(TesseraError):
     exit_code = 8
 
 
+class RunStopped(TesseraError):
+    """Not a failure: the run stopped early on request (a signal or the time limit) after saving a
+    checkpoint, and can be resumed from it."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again (requeue)
+
+
+EXIT_STOPPED = RunStopped.exit_code
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "NumericalFault",
-           "PeerFailure", "RunDirError", "TesseraError", "TokenizerProblem"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "EXIT_INTERRUPTED", "EXIT_STOPPED", "EXIT_TERMINATED",
+           "NumericalFault", "PeerFailure", "RunDirError", "RunStopped", "TesseraError", "TokenizerProblem"]

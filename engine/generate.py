@@ -1,4 +1,4 @@
-"""Sample text from a trained run (temperature / top-k)."""
+"""Sample text from a trained run or a checkpoint (temperature / top-k)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,58 @@ from typing import Optional
 
 import torch
 
+from engine.checkpoint.export import ModelCheckpoint, is_checkpoint_path
 from engine.checkpoint.weights import load_weights
 from engine.config import Config, load_config
-from engine.errors import RunDirError
+from engine.errors import RunDirError, TesseraError
 from engine.data import Tokenizer, build_tokenizer
 from engine.model.transformer import Transformer
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Config, Transformer, Tokenizer]:
-    """Config, model with the run's final weights, and its tokenizer."""
-    run = Path(run_dir)
-    cfg_path, weights = run / "config.yaml", run / "model.safetensors"
-    for f in (cfg_path, weights):
-        if not f.is_file():
-            raise RunDirError(f"run directory {str(run)!r}: expected {f.name} (written at the end of "
-                              f"`tessera train`), found none")
-    cfg = load_config(cfg_path)
-    # Canonical weights (real vocabulary) into a one-process model; the vocabulary padding is added here.
+def _empty_model(cfg: Config, device: str) -> Transformer:
+    """A one-process model with uninitialised weights (the real vocabulary is padded here)."""
     model = Transformer(cfg.model, device="meta")
     model.to_empty(device=torch.device(device))
     model.reset_buffers()
+    return model
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Config, Transformer, Tokenizer]:
+    """Config, model with the final weights, and its tokenizer -- of a run directory (config.yaml and
+    model.safetensors, written at the end of `tessera train` or by `tessera checkpoint export`), or of a
+    checkpoint (a step-NNNNNNN/ directory, or a checkpoint root = the one its `latest` names): its config
+    and `model/` tensors are read straight from the shards, whatever layout saved them, with no export."""
+    run = Path(run_dir)
+    cfg_path, weights = run / "config.yaml", run / "model.safetensors"
+    if not (cfg_path.is_file() and weights.is_file()) and is_checkpoint_path(run):
+        ck = ModelCheckpoint.open(run, "checkpoint")
+        model = _empty_model(ck.config, device)
+        ck.load_into(model)
+        model.eval()
+        return ck.config, model, build_tokenizer(ck.config.data.tokenizer)
+    for f in (cfg_path, weights):
+        if not f.is_file():
+            raise RunDirError(f"run directory {str(run)!r}: expected {f.name} (written at the end of "
+                              f"`tessera train`), found none{_checkpoint_hint(cfg_path)}")
+    cfg = load_config(cfg_path)
+    # Canonical weights (real vocabulary) into a one-process model; the vocabulary padding is added here.
+    model = _empty_model(cfg, device)
     load_weights(model, weights)
     model.eval()
     return cfg, model, build_tokenizer(cfg.data.tokenizer)
+
+
+def _checkpoint_hint(cfg_path: Path) -> str:
+    """A run stopped before its end (no model.safetensors) may have checkpoints: say where, if it does."""
+    if not cfg_path.is_file():
+        return " (or give a checkpoint: a step-NNNNNNN/ directory or a checkpoint root)"
+    try:
+        ck_dir = load_config(cfg_path).checkpoint.dir
+    except TesseraError:  # only a hint: the error that matters is the one being raised
+        return ""
+    if ck_dir and is_checkpoint_path(ck_dir):
+        return f"; its checkpoints are in {ck_dir!r}: `tessera generate {ck_dir}` samples from the latest"
+    return ""
 
 
 @torch.no_grad()

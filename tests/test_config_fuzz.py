@@ -148,6 +148,8 @@ INVARIANTS: dict[str, typing.Callable[[Any], bool]] = {
     "optim.decay_iters": _opt(POS), "optim.wsd_decay_fraction": _float(0, 1, lo_open=True, hi_open=False),
     "precision.initial_loss_scale": _float(0, lo_open=True), "precision.loss_scale_window": POS,
     "precision.min_loss_scale": _float(0, lo_open=True), "precision.hysteresis": POS,
+    "checkpoint.interval": NONNEG, "checkpoint.keep": NONNEG, "checkpoint.keep_every": NONNEG,
+    "checkpoint.time_limit": _opt(_float(0, lo_open=True)),
 }
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 

@@ -35,6 +35,8 @@ RULES = [  # (importer prefix, forbidden prefixes, why)
     *[(low, ("engine.model", "engine.train") + _TOP, f"{low} is below the model and the training loop")
       for low in ("engine.parallel", "engine.optim", "engine.data")],
     ("engine.model", ("engine.train",) + _TOP, "engine.model is below the training loop"),
+    ("engine.checkpoint", ("engine.train",) + _TOP,
+     "engine.checkpoint (files, DCP I/O, weights) is below the training loop, which saves through it"),
     ("engine.parallel", ("engine.optim",),
      "engine.optim is the layer above parallel: it reads ParallelState and sharding specs"),
 ]

@@ -181,9 +181,14 @@ class Optimizer:
             s.param_view.copy_(s.master)
         if moments:
             st = self.inner.state[s.master]
-            st["step"] = torch.tensor(float(step), dtype=torch.float32)
+            st["step"] = self._step_tensor(step, s.master)
             for k, v in moments.items():
                 st[k] = v.detach().reshape(-1).to(s.master.device, torch.float32).clone()
+
+    def _step_tensor(self, step: float, master: torch.Tensor) -> torch.Tensor:
+        """A step count as torch's AdamW keeps it: fp32, on the parameter's device for the fused kernel."""
+        fused = bool(self.inner.defaults.get("fused"))
+        return torch.tensor(float(step), dtype=torch.float32, device=master.device if fused else "cpu")
 
     # ------------------------------------------------------------ canonical state (any layout)
     def _boxes(self, s: _Slot) -> Iterator[tuple[int, Box, Box, Box]]:
@@ -217,6 +222,72 @@ class Optimizer:
                     rel = tuple(a - b for a, b in zip(lbox[0], box[0]))
                     pieces.append(StatePiece(s.spec.name, key, cbox, box_view(whole, (rel, lbox[1]))))
         return pieces, steps
+
+    def state_views(self, keys: Sequence[str] = ("param", *STATE_KEYS, "master"), holders_only: bool = True
+                    ) -> list[StatePiece]:
+        """Views of this rank's tensors as boxes of canonical tensors, for a checkpoint to write from
+        (`holders_only`: the pieces `canonical_state` lists) or to read into (every slot, tied copies under
+        their canonical tensor's name). Keys: "param" (the parameter elements this rank steps on, in the
+        parameter's dtype), exp_avg, exp_avg_sq, and "master" (only where the fp32 master is a separate copy;
+        else it is the parameter). The moments must exist (`init_state`)."""
+        out: list[StatePiece] = []
+        for s in self.slots:
+            if holders_only and not s.spec.counts_once(self.pstate.tp_rank):
+                continue
+            st = self.inner.state.get(s.master, {})
+            tensors = {"param": s.param_view, **{k: st[k] for k in STATE_KEYS if k in st}}
+            if s.has_copy:
+                tensors["master"] = s.master.detach()
+            name = s.spec.name if holders_only else (s.spec.tied_to or s.spec.name)
+            for first, box, lbox, cbox in self._boxes(s):
+                for key in keys:
+                    if key not in tensors:
+                        continue
+                    whole = tensors[key].view(-1)[first:first + _numel(box[1])].view(box[1])
+                    rel = tuple(a - b for a, b in zip(lbox[0], box[0]))
+                    out.append(StatePiece(name, key, cbox, box_view(whole, (rel, lbox[1]))))
+        return out
+
+    def steps(self, holders_only: bool = True) -> dict[str, float]:
+        """{canonical name: AdamW step count} of this rank's slots."""
+        out = {}
+        for s in self.slots:
+            if holders_only and not s.spec.counts_once(self.pstate.tp_rank):
+                continue
+            st = self.inner.state.get(s.master, {})
+            out[s.spec.name if holders_only else (s.spec.tied_to or s.spec.name)] = \
+                float(st["step"]) if "step" in st else 0.0
+        return out
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create the moments (zeros) and step count of every slot now rather than at the first step, so a
+        checkpoint can be read into them."""
+        for s in self.slots:
+            st = self.inner.state[s.master]
+            if "step" not in st:
+                st["step"] = self._step_tensor(0.0, s.master)
+            for k in STATE_KEYS:
+                if k not in st:
+                    st[k] = torch.zeros_like(s.master, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def finish_load(self, steps: dict[str, float], params_loaded: bool, masters_loaded: bool) -> None:
+        """After `state_views(holders_only=False)` were filled: set the step counts, make masters and
+        parameters agree (a master read from the checkpoint wins; else the parameter is the source), and
+        re-gather parameters over dp (ZeRO-1: each rank read its own 1/dp)."""
+        for s in self.slots:
+            st = self.inner.state[s.master]
+            canon = s.spec.tied_to or s.spec.name
+            if canon in steps:
+                st["step"] = self._step_tensor(steps[canon], s.master)
+            if s.has_copy:
+                if masters_loaded:
+                    s.param_view.copy_(s.master)
+                elif params_loaded:
+                    s.master.copy_(s.param_view)
+        if params_loaded and self.after_step is not None:
+            self.after_step()
 
     @torch.no_grad()
     def load_canonical_state(self, tensors: Callable[[str, str], Optional[torch.Tensor]],

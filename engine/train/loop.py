@@ -8,6 +8,7 @@ and the process group.
 from __future__ import annotations
 
 import gc
+import json
 import resource
 import statistics
 import sys
@@ -21,11 +22,15 @@ import torch.distributed as dist
 from engine import __version__
 from engine.config import Config
 from engine.data.build import check_data_sources
-from engine.errors import NumericalFault, PeerFailure, TesseraError
+from engine.checkpoint.files import check_checkpoint_dir, latest_step, resolve_checkpoint
+from engine.checkpoint.manager import CheckpointSaver
+from engine.errors import NumericalFault, PeerFailure, RunStopped, TesseraError
 from engine.parallel.state import ParallelState
 from engine.train.flops import peak_tflops, training_flops_per_token
 from engine.train.logger import MetricsLogger
 from engine.train.run_dir import RunLock, check_run_dir, prepare_run_dir
+from engine.train.checkpointing import checkpoint_meta, load_checkpoint, trainer_checkpoint_state
+from engine.train.stop import StopRequest
 from engine.train.trainer import Trainer, resolve_vocab
 from engine.train.watchdog import Watchdog
 
@@ -118,6 +123,8 @@ def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
     # directory, the data. Only then is the directory locked and, once the datasets are built, prepared.
     tokenizer = resolve_vocab(cfg)  # config.yaml holds the resolved vocabulary
     _agree(pstate, lambda: check_run_dir(out_dir, t.allow_foreign_dir))
+    if cfg.checkpoint.dir is not None:
+        _agree(pstate, lambda: check_checkpoint_dir(Path(cfg.checkpoint.dir)))
     _agree(pstate, lambda: check_data_sources(cfg, tokenizer, cfg.data.verify_token_ids))
     lock: list[Optional[RunLock]] = [None]
     _agree(pstate, lambda: lock.__setitem__(0, RunLock(out_dir)))
@@ -139,12 +146,85 @@ def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
             lock[0].release()
 
 
+def _start_from(trainer: Trainer, cfg: Config, log: Callable[[str], None]) -> list[dict]:
+    """Resume from checkpoint.load, else start from checkpoint.init_from's weights, else from scratch.
+    Returns the lineage the run's checkpoints record."""
+    ck = cfg.checkpoint
+    path = None
+    if ck.load == "auto":
+        found = latest_step(Path(ck.dir))
+        path = found.path if found is not None else None
+        if path is None:
+            log(f"tessera: checkpoint.load=auto: no checkpoint in {ck.dir} yet, starting "
+                + ("from checkpoint.init_from" if ck.init_from else "from scratch"))
+    elif ck.load is not None:
+        path = resolve_checkpoint(ck.load, "checkpoint.load").path
+    if path is not None:
+        meta = load_checkpoint(trainer, path)
+        log(f"tessera: resumed from {path} at step {trainer.iteration} (saved at {_layout_text(meta['layout'])})")
+        if meta.get("train_samples") not in (None, trainer.total_samples):
+            log(f"tessera: note: the saved run was built for {meta['train_samples']:,} training samples, this one for "
+                f"{trainer.total_samples:,} (train.iters or the batch size changed): the sample order from here on may "
+                f"differ from the one the saved run would have seen")
+        return list(meta.get("lineage", [])) + [{"kind": "resume", "path": str(path), "iteration": trainer.iteration}]
+    if ck.init_from is not None:
+        src = resolve_checkpoint(ck.init_from, "checkpoint.init_from").path
+        meta = load_checkpoint(trainer, src, weights_only=True, what="checkpoint.init_from")
+        log(f"tessera: weights from {src} (step {meta['iteration']}); fresh optimizer, schedule and data position")
+        return list(meta.get("lineage", [])) + [{"kind": "init_from", "path": str(src), "iteration": meta["iteration"]}]
+    return []
+
+
+def _layout_text(layout: dict) -> str:
+    return f"tp {layout.get('tp')}, pp {layout.get('pp')}, vpp {layout.get('vpp')}, dp {layout.get('dp')}, " \
+           f"zero {layout.get('zero')}"
+
+
 def _run(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path, watchdog: Optional[Watchdog]) -> TrainResult:
+    ck = cfg.checkpoint
+    stop = StopRequest(ck.time_limit)
+    if ck.dir is not None:  # from here on a signal means: stop after the next step, with a checkpoint
+        stop.install()
+    try:
+        return _start_and_loop(cfg, pstate, tokenizer, out_dir, watchdog, stop)
+    finally:
+        stop.uninstall()
+
+
+def _start_and_loop(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path, watchdog: Optional[Watchdog],
+                    stop: StopRequest) -> TrainResult:
+    ck = cfg.checkpoint
+    trainer = Trainer(cfg, pstate, tokenizer, watchdog)  # builds the datasets (caches) too
+    log = (lambda s: print(s, flush=True)) if pstate.is_rank0 else (lambda s: None)
+    # validated and read before anything is written; every rank reads its own cut
+    lineage = _start_from(trainer, cfg, log)
+    resumed = bool(lineage) and lineage[-1]["kind"] == "resume"
+    saver = CheckpointSaver(Path(ck.dir), keep=ck.keep, keep_every=ck.keep_every, async_save=ck.async_save,
+                            log=lambda s: print(s, file=sys.stderr, flush=True) if pstate.is_rank0 else None) \
+        if ck.dir is not None else None
+    if pstate.is_rank0:
+        # archive a previous run's files (not when resuming it: its metrics are appended to), write config.yaml
+        prepare_run_dir(out_dir, cfg, __version__, resume=resumed)
+    try:
+        return _loop(cfg, pstate, trainer, out_dir, saver, stop, lineage)
+    finally:
+        if saver is not None:
+            saver.close()
+
+
+def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, saver: Optional[CheckpointSaver],
+          stop: StopRequest, lineage: list[dict]) -> TrainResult:
     t = cfg.train
     device = pstate.device
-    trainer = Trainer(cfg, pstate, tokenizer, watchdog)  # builds the datasets (caches) too
-    if pstate.is_rank0:
-        prepare_run_dir(out_dir, cfg, __version__)  # archive a previous run's files, write config.yaml
+    tokenizer = trainer.tokenizer
+
+    def save(step: int):
+        pieces, tensors = trainer_checkpoint_state(trainer)
+        meta = json.dumps(checkpoint_meta(trainer, lineage), indent=1).encode() if pstate.is_rank0 else b""
+        out = saver.save(step, pieces, tensors, lambda: meta)
+        finished = saver.last.write_seconds if saver.last is not None else 0.0
+        stop.last_save_seconds = max(out.blocked_seconds, finished)  # what the next save may cost
+        return out
 
     flops_per_token = training_flops_per_token(cfg.model, cfg.seq_len)
     peak = peak_tflops(device, cfg.precision.dtype)
@@ -157,8 +237,10 @@ def _run(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path, watchdog:
                        f"{trainer.model.padded_vocab} at run time), {pstate.describe()}, {trainer.n_micro} "
                        f"micro-batches/step, {cfg.precision.dtype}, {len(trainer.train_set):,} train samples")
     window_tokens, window_time, window_busy, window_steps = 0, 0.0, 0.0, 0
+    stopped: Optional[str] = None
+    last_saved = trainer.iteration if saver is not None and trainer.iteration > 0 else -1
     try:
-        for _ in range(t.iters):
+        for _ in range(trainer.iteration, t.iters):
             try:
                 out = trainer.train_step()
             except NumericalFault as e:  # the stopping step is in metrics.jsonl too
@@ -202,9 +284,28 @@ def _run(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path, watchdog:
                                 **{f"val_loss/{k}": v for k, v in vals.items()}})
                     logger.console(f"step {done:>6}/{t.iters} | val loss " +
                                    ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+            if saver is None:
+                continue
+            stopped = stop.check(pstate, out.seconds)  # collective: every rank stops at the same step
+            if done < t.iters and (stopped or (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0)):
+                save(done)
+                last_saved = done
+            if stopped:
+                if done == t.iters:  # the request came during the last step: the run is complete anyway
+                    stopped = None
+                break
+        if saver is not None and last_saved != trainer.iteration:  # the end of training is always saved
+            save(trainer.iteration)
+        if saver is not None:
+            saver.raise_if_failed(saver.wait() or saver.last)
     finally:
         logger.close()
 
+    if stopped is not None:
+        trainer.close()
+        where = saver.last.published.path if saver.last and saver.last.published else cfg.checkpoint.dir
+        raise RunStopped(f"{stopped} at step {trainer.iteration}/{t.iters}; checkpoint {where}; continue with "
+                         f"checkpoint.load=auto")
     trainer.save_weights(out_dir / "model.safetensors")  # collective: every layout writes canonical weights
     trainer.close()  # the data-parallel grad hooks would keep the process groups alive (see train())
     if pstate.is_rank0 and t.sample_prompt is not None:

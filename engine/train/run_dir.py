@@ -98,10 +98,11 @@ class RunLock:
             self._f.close()
 
 
-def prepare_run_dir(out_dir: Path, cfg: Config, engine_version: Optional[str] = None) -> None:
-    """Archive a previous Tessera run's files (only those) and write this run's marker and config.yaml."""
+def prepare_run_dir(out_dir: Path, cfg: Config, engine_version: Optional[str] = None, resume: bool = False) -> None:
+    """Archive a previous Tessera run's files (only those) and write this run's marker and config.yaml.
+    `resume`: this run continues the previous one from a checkpoint, so its metrics are appended to."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if is_tessera_run(out_dir):
+    if is_tessera_run(out_dir) and not resume:
         old = [out_dir / n for n in RUN_FILES if (out_dir / n).exists()]
         if old:
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")

@@ -16,6 +16,7 @@ python, the tp tracker), the model (this rank's parameters by canonical name) an
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from engine.train.build import Built, build
 from engine.train.faults import FaultMonitor
 from engine.train.step import complete_grads, forward_backward, forward_only, split_batch
 from engine.train.watchdog import Watchdog
-from engine.checkpoint.weights import save_weights
+from engine.checkpoint.weights import canonical_specs, save_weights
 
 __all__ = ["StepResult", "Trainer", "resolve_vocab"]
 
@@ -116,12 +117,13 @@ class Trainer:
         self.train_set, self.valid_sets = build_datasets(cfg, self.tokenizer, max(train_samples, 1), valid_samples,
                                                          cache_dir, is_builder=pstate.is_rank0, barrier=barrier,
                                                          verify_token_ids=cfg.data.verify_token_ids)
-        self._total_samples = max(train_samples, t.global_batch_size)
-        self._open_train_iter()
+        self.total_samples = max(train_samples, t.global_batch_size)  # the datasets' length follows from it
+        self.reopen_data()
 
-    def _open_train_iter(self) -> None:
+    def reopen_data(self) -> None:
+        """(Re)start the training data at `consumed_samples` (after a resume)."""
         t = self.cfg.train
-        sampler = PretrainingSampler(self._total_samples, self.consumed_samples, t.micro_batch_size,
+        sampler = PretrainingSampler(self.total_samples, self.consumed_samples, t.micro_batch_size,
                                      self.pstate.dp_rank, self.pstate.dp, global_batch_size=t.global_batch_size)
         self._train_iter = _loader(self.train_set, sampler)
 
@@ -141,6 +143,11 @@ class Trainer:
     @property
     def optimizer(self):
         return self.built.optimizer
+
+    @functools.cached_property
+    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{canonical name: global shape} of the WHOLE model (every stage), in parameter order."""
+        return {n: s.global_shape for n, s in canonical_specs(self.cfg.model, self.pstate).items()}
 
     def _autocast(self) -> Any:
         return autocast(self.cfg.precision.dtype, self.pstate.device)
@@ -335,5 +342,5 @@ class Trainer:
         self.faults.load_state_dict(sd["faults"])
         self.iteration = int(sd["iteration"])
         self.consumed_samples = int(sd["consumed_samples"])
-        self._open_train_iter()  # before the RNG: opening a DataLoader iterator draws from torch's generator
+        self.reopen_data()  # before the RNG: opening a DataLoader iterator draws from torch's generator
         self._set_rng_state(sd["rng"])
