@@ -68,12 +68,6 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data_cache")
 
 
-@pytest.fixture
-def slow_selected(request) -> None:
-    if "slow" not in (request.config.option.markexpr or "") and os.environ.get("TESSERA_SLOW", "") in ("", "0"):
-        pytest.skip("slow: select with -m slow (or TESSERA_SLOW=1)")
-
-
 def _overrides(tmp: Path, cache: Path, *extra: str, ck: Optional[Path] = None, run: Optional[Path] = None) -> list[str]:
     return [*SMALL, f"data.cache_dir={cache}", f"train.out_dir={run or tmp / 'run'}",
             f"checkpoint.dir={ck or tmp / 'ck'}", *extra]
@@ -314,7 +308,7 @@ def test_kill_9_while_saving_every_step_leaves_a_loadable_latest(tmp_path, cache
 
 @pytest.mark.slow
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_kill_9_while_saving_every_step_many_trials(tmp_path, cache, reference, slow_selected, async_save):
+def test_kill_9_while_saving_every_step_many_trials(tmp_path, cache, reference, async_save):
     seed, log = _seed(777 + async_save), []
     rng = random.Random(seed)
     for c in range(5):  # chains of 3, each on a fresh root: a chain stays within one epoch

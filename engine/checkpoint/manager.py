@@ -89,6 +89,14 @@ class CheckpointSaver:
         self.failures = 0
 
     # ------------------------------------------------------------ saving
+    def prepare(self, pieces: Pieces) -> None:
+        """Async only: allocate (and touch) the host buffers the saves will stage into now, at the start of
+        the run, rather than in the first save, where first-touching gigabytes of (pinned) memory would
+        block training several times longer than the copy itself. They hold one copy of this rank's
+        checkpoint state in host memory for the rest of the run."""
+        if self.async_save:
+            pieces.to_host(self._staging)
+
     def save(self, step: int, pieces: Pieces, tensors: dict[str, torch.Tensor],
              meta: Callable[[], bytes]) -> SaveOutcome:
         """Save step `step` (collective). `meta()` is called on rank 0 once the shards are written and gives

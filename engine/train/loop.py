@@ -202,6 +202,8 @@ def _start_and_loop(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path
     saver = CheckpointSaver(Path(ck.dir), keep=ck.keep, keep_every=ck.keep_every, async_save=ck.async_save,
                             log=lambda s: print(s, file=sys.stderr, flush=True) if pstate.is_rank0 else None) \
         if ck.dir is not None else None
+    if saver is not None and ck.async_save:
+        saver.prepare(trainer_checkpoint_state(trainer)[0])  # the staging buffers, before training starts
     if pstate.is_rank0:
         # archive a previous run's files (not when resuming it: its metrics are appended to), write config.yaml
         prepare_run_dir(out_dir, cfg, __version__, resume=resumed)
