@@ -38,7 +38,8 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from engine.errors import CheckpointError
 from engine.parallel.sharding import Box
 
-__all__ = ["Pieces", "SafeReader", "TensorInfo", "check_files", "read_metadata", "read_pieces", "tensor_infos", "write_pieces"]
+__all__ = ["Pieces", "SafeReader", "TensorInfo", "check_files", "read_metadata", "read_pieces", "tensor_infos",
+           "write_pieces"]
 
 
 @dataclass

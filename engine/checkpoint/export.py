@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -32,7 +31,7 @@ import torch
 from engine import __version__
 from engine.checkpoint.dcp_io import Pieces, TensorInfo, check_files, read_metadata, read_pieces, tensor_infos
 from engine.checkpoint.files import LATEST, META, StepDir, fsync_dir, resolve_checkpoint
-from engine.checkpoint.weights import canonical_specs, remove_stale_temporaries
+from engine.checkpoint.weights import ST_DTYPES, canonical_specs, remove_stale_temporaries, safetensors_header
 from engine.config import Config, config_from_dict
 from engine.errors import CheckpointError, ConfigError, RunDirError
 from engine.parallel.state import ParallelState
@@ -44,7 +43,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXPORT_MARKER = ".tessera-export"
 _FILES = ("model.safetensors", "config.yaml")
 _TMP_RE = re.compile(r"^\.(model\.safetensors|config\.yaml|\.tessera-export)\.tmp\d+$")  # ours, mid-write
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _BATCH_BYTES = 1 << 30
 
 
@@ -137,7 +135,7 @@ def _check_tensors(step: StepDir, what: str, saved: dict[str, TensorInfo], want:
     missing = [n for n in want if n not in saved]
     unexpected = sorted(n for n in saved if n not in want)
     wrong = [f"{n} {saved[n].shape} (expected {want[n]})" for n in want if n in saved and saved[n].shape != want[n]]
-    odd = [f"{n} {saved[n].dtype}" for n in want if n in saved and saved[n].dtype not in _ST_DTYPES]
+    odd = [f"{n} {saved[n].dtype}" for n in want if n in saved and saved[n].dtype not in ST_DTYPES]
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("other shapes:", wrong),
                          ("unsupported dtypes:", odd)):
@@ -150,17 +148,9 @@ def _check_tensors(step: StepDir, what: str, saved: dict[str, TensorInfo], want:
 
 def _header(ck: ModelCheckpoint, dtypes: dict[str, torch.dtype]) -> tuple[bytes, int]:
     """The safetensors header (8-byte length + JSON, padded to 8 bytes) and the data size that follows."""
-    entries, offset = {}, 0
-    for n in ck.names:
-        info = ck.infos[n]
-        nbytes = info.nbytes // info.dtype.itemsize * dtypes[n].itemsize
-        entries[n] = {"dtype": _ST_DTYPES[dtypes[n]], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
     metadata = {"format": "pt", "producer": "tessera", "vocab_size": str(ck.config.model.vocab_size),
                 "checkpoint": str(ck.step.path), "iteration": str(ck.meta.get("iteration"))}
-    header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    return struct.pack("<Q", len(header)) + header, offset
+    return safetensors_header([(n, dtypes[n], ck.infos[n].shape) for n in ck.names], metadata)
 
 
 def _parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:

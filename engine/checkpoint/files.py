@@ -26,7 +26,8 @@ from typing import Iterable, Optional
 from engine.errors import CheckpointError, RunDirError
 
 __all__ = ["LATEST", "MARKER", "META", "StepDir", "check_checkpoint_dir", "complete_steps", "ensure_checkpoint_dir",
-           "fsync_dir", "fsync_file", "latest_step", "publish", "remove_stale", "resolve_checkpoint", "retain", "step_name", "temp_dir"]
+           "fsync_dir", "fsync_file", "latest_step", "pid_alive", "publish", "remove_stale", "resolve_checkpoint",
+           "retain", "step_name", "temp_dir"]
 
 MARKER = "COMPLETE"
 META = "tessera.json"
@@ -204,7 +205,8 @@ def publish(tmp: Path, root: Path, step: int, meta: bytes) -> StepDir:
     return StepDir(final)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this host): a temporary file's writer may still be at it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -224,7 +226,7 @@ def remove_stale(root: Path, keep_tmp: Iterable[Path] = ()) -> list[Path]:
     removed = []
     for p in root.iterdir():
         m = _TMP_RE.match(p.name)
-        if m and p.resolve() not in keep and (int(m.group(2)) == os.getpid() or not _pid_alive(int(m.group(2)))):
+        if m and p.resolve() not in keep and (int(m.group(2)) == os.getpid() or not pid_alive(int(m.group(2)))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
         elif _STEP_RE.match(p.name) and p.is_dir() and not (p / MARKER).is_file():

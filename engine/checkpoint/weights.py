@@ -16,6 +16,7 @@ library itself.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.checkpoint.files import pid_alive
 from engine.config import ModelConfig
 from engine.errors import CheckpointError
 from engine.model.transformer import Transformer
@@ -32,9 +34,10 @@ from engine.parallel.pipeline.partition import layers_for_stage
 from engine.parallel.sharding import ShardSpec, box_view
 from engine.parallel.state import ParallelState
 
-__all__ = ["canonical_specs", "load_weights", "remove_stale_temporaries", "save_weights"]
+__all__ = ["ST_DTYPES", "canonical_specs", "load_weights", "remove_stale_temporaries", "safetensors_header",
+           "save_weights"]
 
-_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
 def canonical_specs(cfg: ModelConfig, pstate: ParallelState) -> dict[str, ShardSpec]:
@@ -64,16 +67,18 @@ def _holders(spec: ShardSpec) -> list[int]:
     return [0]
 
 
-def _header(specs: dict[str, ShardSpec], dtypes: dict[str, torch.dtype], metadata: dict) -> bytes:
+def safetensors_header(tensors: Sequence[tuple[str, torch.dtype, Sequence[int]]], metadata: dict) -> tuple[bytes, int]:
+    """The safetensors header for tensors (name, dtype, shape) written in this order: 8-byte length + JSON
+    padded to 8 bytes. Also returns the size of the data that follows. Known before any data exists, so a
+    file can be streamed tensor by tensor."""
     entries, offset = {}, 0
-    for name, spec in specs.items():
-        dt = dtypes[name]
-        nbytes = spec.numel * torch.empty((), dtype=dt).element_size()
-        entries[name] = {"dtype": _DTYPES[dt], "shape": list(spec.global_shape), "data_offsets": [offset, offset + nbytes]}
+    for name, dt, shape in tensors:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        entries[name] = {"dtype": ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format pads the header to an 8-byte boundary
-    return struct.pack("<Q", len(header)) + header
+    return struct.pack("<Q", len(header)) + header, offset
 
 
 @torch.no_grad()
@@ -92,7 +97,8 @@ def save_weights(path: Path, chunks: Sequence[nn.Module], cfg: ModelConfig, psta
     if pstate.is_rank0:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         out = open(tmp, "wb")
-        out.write(_header(specs, dtypes, {"format": "pt", "producer": "tessera", "vocab_size": str(cfg.vocab_size)}))
+        out.write(safetensors_header([(n, dtypes[n], spec.global_shape) for n, spec in specs.items()],
+                                     {"format": "pt", "producer": "tessera", "vocab_size": str(cfg.vocab_size)})[0])
     try:
         for name, spec in specs.items():
             full = _gather_one(name, spec, local, cfg, pstate, layout, fsdp, dtypes[name])
@@ -110,23 +116,13 @@ def save_weights(path: Path, chunks: Sequence[nn.Module], cfg: ModelConfig, psta
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Delete `.<name>.tmp<pid>` files next to `path` left by a process that died while writing it (a live
     writer's file is kept). Returns what was removed."""
     removed = []
     for tmp in path.parent.glob(f".{path.name}.tmp*"):
         pid = tmp.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

@@ -201,6 +201,22 @@ class Optimizer:
             for lbox, cbox in s.spec.local_to_canonical(box, self.pstate.tp_rank):
                 yield first, box, lbox, cbox
 
+    def _pieces(self, s: _Slot, flats: dict[str, torch.Tensor], name: str) -> Iterator[StatePiece]:
+        """Every non-padding part of the slot's flat tensors `flats` ({key: (n,) tensor laid out like the
+        slot}) as views shaped like boxes of the canonical tensor `name`."""
+        for first, box, lbox, cbox in self._boxes(s):
+            rel = tuple(a - b for a, b in zip(lbox[0], box[0]))
+            for key, flat in flats.items():
+                whole = flat.view(-1)[first:first + _numel(box[1])].view(box[1])  # the contiguous box
+                yield StatePiece(name, key, cbox, box_view(whole, (rel, lbox[1])))
+
+    def _holds(self, s: _Slot, holders_only: bool) -> bool:
+        return not holders_only or s.spec.counts_once(self.pstate.tp_rank)
+
+    def _name(self, s: _Slot, holders_only: bool) -> str:
+        """A holder lists its own canonical tensor; a reader of every slot reads a tied copy's canonical one."""
+        return s.spec.name if holders_only else (s.spec.tied_to or s.spec.name)
+
     def canonical_state(self) -> tuple[list[StatePiece], dict[str, float]]:
         """(pieces of exp_avg / exp_avg_sq / master as boxes of canonical tensors, {canonical name: step}).
         Only the spec's holder lists a tensor: one tp rank per distinct shard (tp replicas step identically),
@@ -208,20 +224,14 @@ class Optimizer:
         of every rank (over dp, tp and pp) gives each canonical element exactly once per dp replica for
         ZeRO-0, exactly once for sharded grads."""
         pieces: list[StatePiece] = []
-        steps: dict[str, float] = {}
         for s in self.slots:
-            if not s.spec.counts_once(self.pstate.tp_rank):
+            if not self._holds(s, True):
                 continue
             st = self.inner.state.get(s.master, {})
             tensors = {k: st[k] for k in STATE_KEYS if k in st}
             tensors["master"] = s.master.detach()
-            steps[s.spec.name] = float(st["step"]) if "step" in st else 0.0
-            for first, box, lbox, cbox in self._boxes(s):
-                for key, flat in tensors.items():
-                    whole = flat.view(-1)[first:first + _numel(box[1])].view(box[1])  # the contiguous box
-                    rel = tuple(a - b for a, b in zip(lbox[0], box[0]))
-                    pieces.append(StatePiece(s.spec.name, key, cbox, box_view(whole, (rel, lbox[1]))))
-        return pieces, steps
+            pieces += self._pieces(s, tensors, s.spec.name)
+        return pieces, self.steps()
 
     def state_views(self, keys: Sequence[str] = ("param", *STATE_KEYS, "master"), holders_only: bool = True
                     ) -> list[StatePiece]:
@@ -232,31 +242,22 @@ class Optimizer:
         else it is the parameter). The moments must exist (`init_state`)."""
         out: list[StatePiece] = []
         for s in self.slots:
-            if holders_only and not s.spec.counts_once(self.pstate.tp_rank):
+            if not self._holds(s, holders_only):
                 continue
             st = self.inner.state.get(s.master, {})
             tensors = {"param": s.param_view, **{k: st[k] for k in STATE_KEYS if k in st}}
             if s.has_copy:
                 tensors["master"] = s.master.detach()
-            name = s.spec.name if holders_only else (s.spec.tied_to or s.spec.name)
-            for first, box, lbox, cbox in self._boxes(s):
-                for key in keys:
-                    if key not in tensors:
-                        continue
-                    whole = tensors[key].view(-1)[first:first + _numel(box[1])].view(box[1])
-                    rel = tuple(a - b for a, b in zip(lbox[0], box[0]))
-                    out.append(StatePiece(name, key, cbox, box_view(whole, (rel, lbox[1]))))
+            out += self._pieces(s, {k: tensors[k] for k in keys if k in tensors}, self._name(s, holders_only))
         return out
 
     def steps(self, holders_only: bool = True) -> dict[str, float]:
         """{canonical name: AdamW step count} of this rank's slots."""
         out = {}
         for s in self.slots:
-            if holders_only and not s.spec.counts_once(self.pstate.tp_rank):
-                continue
-            st = self.inner.state.get(s.master, {})
-            out[s.spec.name if holders_only else (s.spec.tied_to or s.spec.name)] = \
-                float(st["step"]) if "step" in st else 0.0
+            if self._holds(s, holders_only):
+                st = self.inner.state.get(s.master, {})
+                out[self._name(s, holders_only)] = float(st["step"]) if "step" in st else 0.0
         return out
 
     @torch.no_grad()
@@ -302,11 +303,8 @@ class Optimizer:
                     for k, v in got.items() if v is not None}
             if "master" in flat:  # keep padding elements as they are
                 flat["master"].copy_(s.master)
-            for first, box, lbox, cbox in self._boxes(s):
-                rel = tuple(a - b for a, b in zip(lbox[0], box[0]))
-                for k, dest in flat.items():
-                    whole = dest[first:first + _numel(box[1])].view(box[1])
-                    box_view(whole, (rel, lbox[1])).copy_(box_view(got[k], cbox))
+            for piece in self._pieces(s, flat, canon):
+                piece.value.copy_(box_view(got[piece.key], piece.box))
             self._set_slot(s, steps.get(canon, 0.0), {k: flat[k] for k in STATE_KEYS if k in flat},
                            flat.get("master", s.master))
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +49,31 @@ def _json_tensor(obj: Any) -> torch.Tensor:
 
 
 def _rng_tensors(trainer) -> dict[str, torch.Tensor]:
-    """This rank's generator states under per-rank keys."""
+    """This rank's generator states (`Trainer.rng_state`) under per-rank keys: tensors as they are, the numpy
+    and python states as JSON bytes."""
     p = _rank_prefix(trainer.pstate.rank)
-    np_state = np.random.get_state()
-    py_state = random.getstate()
+    st = trainer.rng_state()
+    np_state, py_state = st["numpy"], st["python"]
     small = {"numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
              "python": [py_state[0], list(py_state[1]), py_state[2]]}
-    out = {f"{p}/torch": torch.get_rng_state(), f"{p}/state": _json_tensor(small)}
-    if trainer.pstate.rng_tracker is not None:
-        for k, v in trainer.pstate.rng_tracker.get_states().items():
-            out[f"{p}/tracker/{k}"] = v.cpu()
-    if torch.cuda.is_available():
-        for i, st in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"{p}/cuda{i}"] = st
+    out = {f"{p}/torch": st["torch"], f"{p}/state": _json_tensor(small)}
+    out.update({f"{p}/tracker/{k}": v.cpu() for k, v in st["tracker"].items()})
+    out.update({f"{p}/cuda{i}": v for i, v in enumerate(st.get("cuda", ()))})
     return out
+
+
+def _rng_state(rank: int, rng: dict[str, torch.Tensor]) -> dict:
+    """`_rng_tensors` read back -> the dict `Trainer.set_rng_state` takes."""
+    p = _rank_prefix(rank)
+    small = json.loads(bytes(rng[f"{p}/state"].tolist()).decode())
+    n, py = small["numpy"], small["python"]
+    st = {"torch": rng[f"{p}/torch"], "numpy": (n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]),
+          "python": (py[0], tuple(py[1]), py[2]),
+          "tracker": {k.split("/tracker/", 1)[1]: v for k, v in rng.items() if "/tracker/" in k}}
+    cuda = sorted((k for k in rng if k.startswith(f"{p}/cuda")), key=lambda k: int(k.rsplit("cuda", 1)[1]))
+    if cuda:
+        st["cuda"] = [rng[k] for k in cuda]
+    return st
 
 
 def _layout(trainer) -> dict:
@@ -182,28 +192,6 @@ def load_checkpoint(trainer, path: str | Path, weights_only: bool = False, what:
     opt.finish_load({n: float(t) for n, t in steps_t.items()}, params_loaded=True, masters_loaded=masters)
     if weights_only:
         return meta
-    if trainer.scaler is not None and meta.get("scaler") is not None:
-        trainer.scaler.load_state_dict(meta["scaler"])
-    trainer.faults.load_state_dict(meta["faults"])
-    trainer.iteration = int(meta["iteration"])
-    trainer.consumed_samples = int(meta["consumed_samples"])
-    trainer.reopen_data()  # before the RNG: opening a DataLoader iterator draws from torch's generator
-    if rng:
-        _set_rng(trainer, rng)
+    trainer.restore_progress(meta["iteration"], meta["consumed_samples"], meta.get("scaler"), meta["faults"],
+                             _rng_state(trainer.pstate.rank, rng) if rng else None)
     return meta
-
-
-def _set_rng(trainer, rng: dict[str, torch.Tensor]) -> None:
-    p = _rank_prefix(trainer.pstate.rank)
-    torch.set_rng_state(rng[f"{p}/torch"])
-    small = json.loads(bytes(rng[f"{p}/state"].tolist()).decode())
-    n = small["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    py = small["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    tracker = {k.split("/tracker/", 1)[1]: v for k, v in rng.items() if "/tracker/" in k}
-    if tracker and trainer.pstate.rng_tracker is not None:
-        trainer.pstate.rng_tracker.set_states(tracker)
-    cuda = sorted((k for k in rng if k.startswith(f"{p}/cuda")), key=lambda k: int(k.rsplit("cuda", 1)[1]))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[k] for k in cuda])

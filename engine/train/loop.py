@@ -296,9 +296,9 @@ def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, s
                 if done == t.iters:  # the request came during the last step: the run is complete anyway
                     stopped = None
                 break
-        if saver is not None and last_saved != trainer.iteration:  # the end of training is always saved
-            save(trainer.iteration)
         if saver is not None:
+            if last_saved != trainer.iteration:  # the end of training is always saved
+                save(trainer.iteration)
             saver.raise_if_failed(saver.wait() or saver.last)
     finally:
         logger.close()

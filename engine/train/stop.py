@@ -18,10 +18,7 @@ import threading
 import time
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
-from engine.parallel.state import ParallelState
+from engine.parallel.state import ParallelState, all_reduce_max
 
 __all__ = ["REASONS", "StopRequest"]
 
@@ -68,8 +65,5 @@ class StopRequest:
             left = self.limit - (time.monotonic() - self.started)
             if left < 2 * (self._slowest_step + self.last_save_seconds):
                 code = 4
-        if pstate.is_distributed:
-            t = torch.tensor([float(code)], dtype=torch.float32, device=pstate.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            code = int(t.item())
+        code = int(all_reduce_max(float(code), pstate))
         return REASONS[code] if code else None

@@ -286,14 +286,15 @@ class Trainer:
         return save_weights(path, self.chunks, self.cfg.model, self.pstate, layout=self.cfg.parallel.pp_layout)
 
     # ------------------------------------------------------------ state
-    def _rng_state(self) -> dict:
+    def rng_state(self) -> dict:
+        """This rank's generator states: torch, CUDA, numpy, python, the tp tracker's streams."""
         st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
               "tracker": self.pstate.rng_tracker.get_states() if self.pstate.rng_tracker is not None else {}}
         if torch.cuda.is_available():
             st["cuda"] = torch.cuda.get_rng_state_all()
         return st
 
-    def _set_rng_state(self, st: dict) -> None:
+    def set_rng_state(self, st: dict) -> None:
         torch.set_rng_state(st["torch"])
         np.random.set_state(st["numpy"])
         random.setstate(st["python"])
@@ -315,7 +316,7 @@ class Trainer:
             "schedule": {"iteration": self.iteration, "total_iters": self.cfg.train.iters},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "faults": self.faults.state_dict(),
-            "rng": {"rank": self.pstate.rank, **self._rng_state()},
+            "rng": {"rank": self.pstate.rank, **self.rng_state()},
             "model": {n: q.detach().clone() for c in b.chunks for n, q in c.named_parameters()},
             "specs": dict(b.specs),
             "optimizer": b.optimizer.state_dict(),
@@ -337,10 +338,17 @@ class Trainer:
                 raise ValueError(f"trainer state: {n} has shape {tuple(sd['model'][n].shape)}, expected {tuple(q.shape)}")
             q.copy_(sd["model"][n])
         self.built.optimizer.load_state_dict(sd["optimizer"])
-        if self.scaler is not None and sd["scaler"] is not None:
-            self.scaler.load_state_dict(sd["scaler"])
-        self.faults.load_state_dict(sd["faults"])
-        self.iteration = int(sd["iteration"])
-        self.consumed_samples = int(sd["consumed_samples"])
+        self.restore_progress(sd["iteration"], sd["consumed_samples"], sd["scaler"], sd["faults"], sd["rng"])
+
+    def restore_progress(self, iteration: int, consumed_samples: int, scaler: Optional[dict], faults: dict,
+                         rng: Optional[dict]) -> None:
+        """Counters, loss scaler, fault monitor, the data position and (when given: same layout and rank)
+        the RNG streams of a saved state: the part of a resume after the model and the optimizer."""
+        if self.scaler is not None and scaler is not None:
+            self.scaler.load_state_dict(scaler)
+        self.faults.load_state_dict(faults)
+        self.iteration = int(iteration)
+        self.consumed_samples = int(consumed_samples)
         self.reopen_data()  # before the RNG: opening a DataLoader iterator draws from torch's generator
-        self._set_rng_state(sd["rng"])
+        if rng is not None:
+            self.set_rng_state(rng)
