@@ -9,7 +9,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -53,4 +53,10 @@ def extensions():
     return [Pybind11Extension("engine.data._helpers", sources, cxx_std=17, extra_compile_args=["-O3"])]
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
+# The Triton kernels live in the repository's top-level kernels/ folder but are installed as
+# `engine.kernels`: a top-level `kernels` package would collide with Hugging Face's `kernels`
+# distribution (installed beside transformers, which imports it when present).
+PACKAGES = find_packages(include=["engine", "engine.*"]) + ["engine.kernels"]
+
+setup(packages=PACKAGES, package_dir={"engine.kernels": "kernels"}, ext_modules=extensions(),
+      cmdclass={"build_ext": OptionalBuildExt})

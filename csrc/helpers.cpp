@@ -7,6 +7,7 @@
 //   build_sample_idx(sizes int32[D], doc_idx int32[L], seq_len, num_samples) -> int64[num_samples+1, 2]
 //   permutation(n, seed) -> int64[n]
 //   build_blending_indices(weights float64[K], size) -> (int16[size], int64[size])
+//   build_batch_blending_indices(floor int64[K], rho int64[K], q, G, size, seed) -> (int16[size], int64[size])
 
 // The blending loop compares w*i - count across datasets; a fused multiply-add would round differently
 // from numpy, so contraction is switched off for this file.
@@ -19,6 +20,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -156,6 +158,104 @@ py::tuple build_blending_indices(py::array_t<double, py::array::c_style | py::ar
   return py::make_tuple(ds, ds_sample);
 }
 
+// Per-batch exact blending (engine/data/index_builders.py: build_batch_blending_indices_numpy is the
+// specification). Batch b holds f_k + extra_k(b) samples of dataset k; the extras (R = sum(rho)/q per
+// batch, dataset k at rate rho_k/q) are a PD2 Pfair schedule; slots laid out dataset by dataset are put in
+// the order of permutation(G, seed + b). Integer arithmetic only: with q <= 2^30 and < 2^28 batches every
+// product below stays under 2^62.
+struct Pd2Key {
+  int64_t d, nbbit, nD, k;
+  bool operator<(const Pd2Key& o) const {
+    if (d != o.d) return d < o.d;
+    if (nbbit != o.nbbit) return nbbit < o.nbbit;
+    if (nD != o.nD) return nD < o.nD;
+    return k < o.k;
+  }
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // a >= 0, b > 0
+
+inline Pd2Key pd2_key(int64_t e, int64_t rho, int64_t q, int64_t k) {
+  const int64_t i = e + 1;
+  const int64_t d = ceil_div(i * q, rho);
+  const int64_t bbit = (i * q) % rho ? 1 : 0;
+  int64_t D = 0;
+  if (bbit && 2 * rho >= q) {
+    const int64_t x = ceil_div(d * (q - rho), q);
+    D = ceil_div(x * q, q - rho);
+  }
+  return Pd2Key{d, -bbit, -D, k};
+}
+
+py::tuple build_batch_blending_indices(py::array_t<int64_t, py::array::c_style | py::array::forcecast> floor_,
+                                       py::array_t<int64_t, py::array::c_style | py::array::forcecast> rho_,
+                                       int64_t q, int64_t G, int64_t size, uint64_t seed) {
+  const int64_t K = floor_.size();
+  if (K <= 0 || K > 32767 || rho_.size() != K)
+    throw std::invalid_argument("build_batch_blending_indices: need 1..32767 datasets");
+  if (size < 0 || G <= 0 || q <= 0 || q > (int64_t(1) << 30))
+    throw std::invalid_argument("build_batch_blending_indices: need size >= 0, G > 0, 0 < q <= 2^30");
+  const int64_t* f = floor_.data();
+  const int64_t* rho = rho_.data();
+  int64_t fsum = 0, rsum = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (f[k] < 0 || rho[k] < 0 || rho[k] >= q)
+      throw std::invalid_argument("build_batch_blending_indices: expected f >= 0 and 0 <= rho < q");
+    fsum += f[k];
+    rsum += rho[k];
+  }
+  if (rsum % q != 0 || fsum + rsum / q != G)
+    throw std::invalid_argument("build_batch_blending_indices: the quota does not make batches of G");
+  const int64_t R = rsum / q;
+  const int64_t n_batches = size / G + (size % G != 0);
+  if (n_batches > (int64_t(1) << 28))
+    throw std::invalid_argument("build_batch_blending_indices: more than 2^28 batches");
+  py::array_t<int16_t> ds(size);
+  py::array_t<int64_t> ds_sample(size);
+  int16_t* d = ds.mutable_data();
+  int64_t* s = ds_sample.mutable_data();
+  bool short_of_tasks = false;
+  {
+    py::gil_scoped_release release;
+    std::vector<int64_t> tasks, done(K, 0), count(K, 0), c(K);
+    for (int64_t k = 0; k < K; ++k)
+      if (rho[k] > 0) tasks.push_back(k);
+    std::vector<Pd2Key> ready;
+    std::vector<int16_t> labels(G);
+    for (int64_t b = 0; b < n_batches && !short_of_tasks; ++b) {
+      for (int64_t k = 0; k < K; ++k) c[k] = f[k];
+      if (R > 0) {
+        ready.clear();
+        for (int64_t k : tasks)
+          if (done[k] * q / rho[k] <= b) ready.push_back(pd2_key(done[k], rho[k], q, k));
+        if ((int64_t)ready.size() < R) {
+          short_of_tasks = true;
+          break;
+        }
+        std::partial_sort(ready.begin(), ready.begin() + R, ready.end());
+        for (int64_t j = 0; j < R; ++j) {
+          ++c[ready[j].k];
+          ++done[ready[j].k];
+        }
+      }
+      int64_t slot = 0;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < c[k]; ++j) labels[slot++] = (int16_t)k;
+      const Feistel perm(G, seed + (uint64_t)b);
+      const int64_t start = b * G, stop = std::min(size, start + G);
+      for (int64_t i = start; i < stop; ++i) {
+        uint64_t y = perm((uint64_t)(i - start));
+        while (y >= (uint64_t)G) y = perm(y);
+        const int16_t k = labels[y];
+        d[i] = k;
+        s[i] = count[k]++;
+      }
+    }
+  }
+  if (short_of_tasks) throw std::runtime_error("build_batch_blending_indices: PD2 found too few eligible datasets");
+  return py::make_tuple(ds, ds_sample);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_helpers, m) {
@@ -164,4 +264,6 @@ PYBIND11_MODULE(_helpers, m) {
         py::arg("num_samples"));
   m.def("permutation", &permutation, py::arg("n"), py::arg("seed"));
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"));
+  m.def("build_batch_blending_indices", &build_batch_blending_indices, py::arg("floor"), py::arg("rho"),
+        py::arg("q"), py::arg("global_batch_size"), py::arg("size"), py::arg("seed"));
 }

@@ -18,6 +18,7 @@ from engine.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, RunDirError, RunSto
 # Subcommands implemented by their own module's `main(argv) -> int` (they parse their own flags).
 DELEGATED = {
     "preprocess": ("engine.data.preprocess", "Tokenize text/jsonl (optionally compressed) into Megatron .bin/.idx."),
+    "convert": ("engine.convert.cli", "Hugging Face <-> Tessera checkpoints (from-hf, to-hf), exact, with --verify."),
 }
 BENCHES = {
     "train": ("engine.bench.train", "Our training loop vs a minimal hand-written PyTorch loop (overhead)."),
@@ -28,9 +29,12 @@ BENCHES = {
     "dp": ("engine.bench.data_parallel", "Data parallel: optimizer-state memory per rank, step time with/without overlap."),
     "build": ("engine.bench.build", "Model construction: wall time and peak memory per tensor-parallel rank."),
     "checkpoint": ("engine.bench.checkpoint", "Sharded checkpoints: sync/async save, training blocked, load, size."),
+    "convert": ("engine.bench.convert", "Hugging Face conversion both ways: time, peak memory, bit-exact round trip."),
+    "fp8": ("engine.bench.fp8", "FP8 (torch._scaled_mm) vs bf16: one linear (TFLOP/s) and a training step (tokens/s)."),
 }
 TOKENIZER_CMDS = {
     "train": ("engine.data.tokenizer_train", "Train a SentencePiece tokenizer (bpe or unigram)."),
+    "extend": ("engine.data.tokenizer_extend", "Grow a tokenizer by new tokens, keeping every existing id."),
 }
 
 EPILOG = """exit codes: 0 done, 2 configuration, 3 data, 4 tokenizer, 5 checkpoint, 6 run directory or file

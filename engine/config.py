@@ -107,6 +107,19 @@ class ModelConfig:
                                                          default="swiglu")
     position: Literal["rope", "learned", "none"] = _doc("Position encoding.", default="rope")
     rope_theta: float = _doc("RoPE base frequency.", default=10000.0, bounds="(0, inf)")
+    rope_scaling: Literal["none", "llama3"] = _doc(
+        "RoPE frequency scaling: none, or llama3 (Llama 3.1/3.2: low frequencies divided by rope_scaling_factor, "
+        "high ones kept, a smooth blend between; the four rope_* fields below are its parameters).",
+        default="none")
+    rope_scaling_factor: float = _doc("llama3 scaling: the factor low frequencies are divided by (HF `factor`).",
+                                      default=8.0, bounds="[1, inf)")
+    rope_low_freq_factor: float = _doc("llama3 scaling: wavelengths above original_max_seq_len / this are "
+                                       "scaled (HF `low_freq_factor`).", default=1.0, bounds="(0, inf)")
+    rope_high_freq_factor: float = _doc("llama3 scaling: wavelengths below original_max_seq_len / this are "
+                                        "kept (HF `high_freq_factor`).", default=4.0, bounds="(0, inf)")
+    rope_original_max_seq_len: int = _doc("llama3 scaling: the context length the model was first trained at "
+                                          "(HF `original_max_position_embeddings`).", default=8192,
+                                          bounds="[1, inf)")
     tie_embeddings: bool = _doc("Share the input embedding with the output head (GPT-2).", default=False)
     bias: bool = _doc("Biases in every linear layer and norm (GPT-2).", default=False)
     qkv_bias: Optional[bool] = _doc("Bias on the q/k/v projections only (Qwen2). null = same as `bias`.",
@@ -124,8 +137,9 @@ class ModelConfig:
 
 @dataclass
 class DatasetSpec:
-    path: str = _doc("A Megatron .bin/.idx prefix, a text/jsonl file, or `builtin:pydoc` (the English "
-                     "documentation text that ships with every CPython).", default="builtin:pydoc",
+    path: str = _doc("A Megatron .bin/.idx prefix, a text/jsonl file, `builtin:pydoc` (the English "
+                     "documentation text that ships with every CPython) or `builtin:stdlib` (the source of its "
+                     "standard library's Python modules).", default="builtin:pydoc",
                      path="a file path, a .bin/.idx prefix or builtin:pydoc")
     weight: float = _doc("Blending weight relative to the other datasets of the same split.", default=1.0,
                           bounds="(0, inf)")
@@ -191,6 +205,10 @@ class TrainConfig:
                         default="runs/default", path="a directory path")
     device: Literal["auto", "cpu", "cuda"] = _doc("auto = cuda if available.", default="auto")
     compile: bool = _doc("torch.compile the model.", default=False)
+    eval_at_start: Optional[bool] = _doc(
+        "Evaluate before the first update (step 0 of the run), the baseline of `val_delta/<name>` (each "
+        "validation set's change since then: forgetting and adaptation). null = when the run starts from prior "
+        "weights (checkpoint.init_from); a resume keeps its run's baseline.", default=None)
     sample_prompt: Optional[str] = _doc("If set, generate a sample from this prompt at the end of training.",
                                         default=None)
     sample_tokens: int = _doc("Tokens generated for the end-of-training sample.", default=200,
@@ -224,20 +242,55 @@ class OptimConfig:
                             bounds="[0, inf)")
     warmup_iters: int = _doc("Linear warmup steps from warmup_init_lr to lr.", default=100,
                              bounds="[0, inf)")
-    warmup_init_lr: float = _doc("Learning rate at step 0 of warmup (<= lr).", default=0.0, bounds="[0, inf)")
+    warmup_init_lr: float = _doc("Learning rate warmup starts from (<= lr): update i < warmup_iters uses "
+                                 "warmup_init_lr + (lr - warmup_init_lr) * (i+1) / warmup_iters. A second phase "
+                                 "(continued pretraining) re-warms from the first phase's min_lr by setting it "
+                                 "here.", default=0.0, bounds="[0, inf)")
     decay: Literal["cosine", "linear", "wsd", "constant"] = _doc(
-        "Decay after warmup: cosine/linear to min_lr, WSD (constant, then a final linear decay), or constant.",
+        "Decay after warmup: cosine/linear to min_lr, WSD (constant, then a final decay in wsd_decay_shape), or "
+        "constant (with cooldown_iters: constant, then a final cooldown ending at decay_iters or train.iters).",
         default="cosine")
     decay_iters: Optional[int] = _doc("Step at which decay reaches min_lr (> warmup_iters). null = train.iters.",
                                     default=None, bounds="[1, inf)")
-    wsd_decay_fraction: float = _doc("WSD: fraction of decay_iters spent in the final decay.", default=0.2,
-                                      bounds="(0, 1]")
+    wsd_decay_fraction: float = _doc("WSD: fraction of the steps from the end of warmup to decay_iters spent in "
+                                     "the final decay (unused when cooldown_iters is set).", default=0.2,
+                                     bounds="(0, 1]")
+    wsd_decay_shape: Literal["linear", "cosine", "1-sqrt"] = _doc(
+        "WSD (and constant's cooldown): shape of the final decay from lr to min_lr over its progress q in [0, 1]: "
+        "linear, cosine (half cosine) or 1-sqrt (lr = min_lr + (lr - min_lr) * (1 - sqrt(q)), Hagele et al. "
+        "2024).", default="linear")
+    cooldown_iters: Optional[int] = _doc(
+        "decay wsd or constant: length in steps of the final decay to min_lr, which ends at decay_iters (null = "
+        "train.iters); lr is held until then. With decay_iters null the cooldown follows train.iters, so an "
+        "open-ended run is extended by raising train.iters on resume (before its cooldown has begun). null = "
+        "constant: no cooldown; wsd: wsd_decay_fraction.", default=None, bounds="[1, inf)")
+
+
+@dataclass
+class Fp8Config:
+    recipe: Literal["tensorwise", "rowwise", "delayed"] = _doc(
+        "FP8 scaling: tensorwise (one scale per tensor from its current amax), rowwise (one power-of-two scale "
+        "per row), delayed (scales from the amax history of past steps).", default="tensorwise")
+    backend: Literal["native", "te"] = _doc(
+        "native = torch._scaled_mm layers; te = Transformer Engine (only when it is importable).", default="native")
+    keep_high_precision: list[str] = _doc(
+        "Linears kept in the compute dtype besides the embedding, output head, norms and attention core (always): "
+        "first_block, last_block, or fnmatch patterns over module names (e.g. layers.*.mlp.down_proj). An entry "
+        "matching no linear is an error.", default_factory=list)
+    amax_history_len: int = _doc("delayed: optimizer steps of amax history a scale is computed from.", default=16,
+                                 bounds="[1, inf)")
+    margin: int = _doc("delayed: scales are divided by 2^margin (headroom against growing amaxes).", default=0,
+                       bounds="[0, inf)")
 
 
 @dataclass
 class PrecisionConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = _doc("Compute dtype (autocast); weights and optimizer stay fp32.",
                                                   default="bf16")
+    fp8: Optional[Fp8Config] = _doc(
+        "FP8 matmuls in the transformer blocks' linears: null = off, or a mapping {recipe, backend, "
+        "keep_high_precision, amax_history_len, margin} (see docs/fp8.md). e4m3 weights/activations, e5m2 "
+        "gradients.", default=None)
     initial_loss_scale: float = _doc("fp16: starting dynamic loss scale.", default=65536.0,
                                      bounds="(0, inf)")
     loss_scale_window: int = _doc("fp16: grow the scale x2 after this many steps without overflow.",
@@ -266,9 +319,26 @@ class CheckpointConfig:
                                "(nothing if there is none).", default=None, path="a checkpoint path or auto")
     time_limit: Optional[float] = _doc("Wall-clock budget of this job in minutes: save and exit (code 75) before "
                                        "it runs out. null = none.", default=None, bounds="(0, inf)")
-    init_from: Optional[str] = _doc("Start from these weights (a checkpoint path as for `load`) with a fresh "
-                                    "optimizer, schedule and data position. Ignored when `load` finds a "
-                                    "checkpoint.", default=None, path="a checkpoint path")
+    init_from: Optional[str] = _doc("Start from these weights with a fresh optimizer, schedule and data "
+                                    "position: a checkpoint path as for `load` (any layout), or hf:DIR = a "
+                                    "Hugging Face model directory (Llama, Mistral, Qwen2, GPT-2), whose "
+                                    "config.json then sets the model's architecture fields. Ignored when `load` "
+                                    "finds a checkpoint.", default=None,
+                                    path="a checkpoint path or hf:DIR")
+    reset_optimizer: bool = _doc("init_from: start with fresh optimizer moments (true), or take the checkpoint's "
+                                 "(false; our checkpoints with optimizer state only, any layout).", default=True)
+    reset_schedule: bool = _doc("init_from: the iteration counter and the LR schedule start at start_iteration "
+                                "(true), or continue from the checkpoint's iteration (false).", default=True)
+    reset_data: bool = _doc("init_from: the training data starts at its beginning (true), or continues at the "
+                            "checkpoint's data position (false; the same datasets, by name).", default=True)
+    new_token_init: Optional[Literal["mean_cov", "zeros"]] = _doc(
+        "init_from with a grown tokenizer (`tessera tokenizer extend`: the same ids plus new ones): how the new "
+        "embedding/head rows start -- mean_cov = drawn from a normal with the mean and covariance of the existing "
+        "rows, zeros. The existing rows are loaded unchanged. null = a vocabulary larger than the checkpoint's "
+        "is an error.", default=None)
+    start_iteration: Optional[int] = _doc("init_from with reset_schedule: the iteration (and LR schedule "
+                                          "position) the new run starts at. null = 0.", default=None,
+                                          bounds="[0, inf)")
 
 
 _SECTIONS = {
@@ -445,6 +515,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected one of {', '.join(repr(c) for c in choices)}, found {_found(value)}")
     if origin in (Union, types.UnionType):
+        section = _section_type(tp)
+        if section is not tp and isinstance(value, dict):  # an optional section given: its own errors name the key
+            return _coerce(value, section, where)
         for arm in typing.get_args(tp):
             try:
                 return _coerce(value, arm, where)
@@ -494,7 +567,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _key_text(key: Any) -> str:
-    return key if isinstance(key, str) else _found(key)
+    """A key as the error shows it: plain when it is a printable name, else its repr (one line)."""
+    return key if isinstance(key, str) and key.isprintable() else _found(key)
 
 
 def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
@@ -541,6 +615,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _section_type(tp: Any) -> Any:
+    """The dataclass of an optional section (Optional[Fp8Config] -> Fp8Config), else `tp` itself."""
+    arms = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (Union, types.UnionType) and len(arms) == 1 and dataclasses.is_dataclass(arms[0]):
+        return arms[0]
+    return tp
+
+
 def _apply_override(tree: dict, path: list[str], value: Any) -> None:
     cls: Any = Config
     node = tree
@@ -560,7 +642,7 @@ def _apply_override(tree: dict, path: list[str], value: Any) -> None:
                     node.pop(alias, None)
             node[part] = value
         else:
-            cls = typing.get_type_hints(cls)[part]
+            cls = _section_type(typing.get_type_hints(cls)[part])
             if node.get(part) is None:  # absent, or an empty `section:` in the file
                 node[part] = {}
             node = node[part]
@@ -713,6 +795,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     hd = m.head_dim or m.d_model // m.n_heads
     if m.position == "rope":
         _check(hd % 2 == 0, f"model.head_dim: RoPE needs an even head dimension, found {hd}")
+    if m.rope_scaling == "llama3":
+        _check(m.rope_high_freq_factor > m.rope_low_freq_factor,
+               f"model.rope_high_freq_factor: expected more than rope_low_freq_factor={m.rope_low_freq_factor:g} "
+               f"(llama3 scaling blends between them), found {m.rope_high_freq_factor:g}")
     seq = cfg.seq_len
     _check(seq <= m.max_seq_len,
            f"data.seq_len={seq} exceeds model.max_seq_len={m.max_seq_len}")
@@ -794,6 +880,20 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if o.decay_iters is not None:
         _check(o.decay_iters > o.warmup_iters,
                f"optim.decay_iters={o.decay_iters} must be greater than optim.warmup_iters={o.warmup_iters}")
+    _check(o.cooldown_iters is None or o.decay in ("wsd", "constant"),
+           f"optim.cooldown_iters: expected null with optim.decay={o.decay} (a cooldown follows a constant lr: "
+           f"optim.decay wsd or constant), found {o.cooldown_iters}")
+    shaped = o.decay == "wsd" or (o.decay == "constant" and o.cooldown_iters is not None)
+    _check(o.wsd_decay_shape == "linear" or shaped,
+           f"optim.wsd_decay_shape: expected linear (the default) with optim.decay={o.decay}"
+           f"{' and no optim.cooldown_iters' if o.decay == 'constant' else ''}: it shapes only the final decay "
+           f"of wsd and the cooldown of constant with cooldown_iters; found {o.wsd_decay_shape}")
+    if o.cooldown_iters is not None:
+        end, end_name = (o.decay_iters, "optim.decay_iters") if o.decay_iters is not None else (t.iters, "train.iters")
+        _check(o.cooldown_iters <= end - o.warmup_iters,
+               f"optim.cooldown_iters: expected at most {end_name} - optim.warmup_iters = {end} - {o.warmup_iters} = "
+               f"{end - o.warmup_iters} (the cooldown ends at {end_name} and starts after warmup), found "
+               f"{o.cooldown_iters}")
     c = cfg.checkpoint
     if c.load is not None and c.load != "auto":
         _check(c.load.strip() != "", "checkpoint.load: expected a checkpoint path or auto, found ''")
@@ -804,10 +904,44 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(c.dir is not None or not value,
                f"checkpoint.{'async' if name == 'async_save' else name}={value} needs checkpoint.dir (where to "
                f"write); set checkpoint.dir or remove it")
+    switches = {k: getattr(c, k) for k in ("reset_optimizer", "reset_schedule", "reset_data")}
+    changed = [f"checkpoint.{k}={v}" for k, v in switches.items() if v is not True]
+    if c.new_token_init is not None:
+        changed.append(f"checkpoint.new_token_init={c.new_token_init}")
+    if c.start_iteration is not None:
+        changed.append(f"checkpoint.start_iteration={c.start_iteration}")
+    _check(c.init_from is not None or not changed,
+           f"{', '.join(changed)}: these choose what a run takes from checkpoint.init_from, which is not set")
+    if c.init_from is not None:
+        hf = c.init_from.startswith("hf:")
+        _check(not (hf and not c.reset_optimizer),
+               "checkpoint.reset_optimizer=false: a Hugging Face directory (init_from hf:...) holds no optimizer "
+               "state; expected reset_optimizer=true")
+        _check(not (hf and not c.reset_data),
+               "checkpoint.reset_data=false: a Hugging Face directory (init_from hf:...) has no data position; "
+               "expected reset_data=true")
+        _check(not (hf and not c.reset_schedule),
+               "checkpoint.reset_schedule=false: a Hugging Face directory (init_from hf:...) has no iteration "
+               "to continue; expected reset_schedule=true (and start_iteration to choose where it starts)")
+        _check(c.start_iteration is None or c.reset_schedule,
+               f"checkpoint.start_iteration={c.start_iteration} with reset_schedule=false: the schedule continues "
+               f"from the checkpoint's iteration; set one or the other")
+        _check(c.start_iteration is None or c.start_iteration < t.iters,
+               f"checkpoint.start_iteration={c.start_iteration}: expected less than train.iters={t.iters} (the "
+               f"run would have nothing to train)")
     pr = cfg.precision
     _check(pr.min_loss_scale <= pr.initial_loss_scale,
            f"precision.min_loss_scale: expected at most precision.initial_loss_scale={pr.initial_loss_scale}, "
            f"found {pr.min_loss_scale}")
+    if pr.fp8 is not None:
+        _check_fields(pr.fp8, "precision.fp8")
+        for i, pat in enumerate(pr.fp8.keep_high_precision):
+            _check(pat.strip() != "", f"precision.fp8.keep_high_precision[{i}]: expected first_block, last_block "
+                                      f"or a module-name pattern, found {_found(pat)}")
+        _check(p.zero != 3, "precision.fp8 with parallel.zero=3 (FSDP2) is not supported: expected parallel.zero "
+                            "0 or 1, found 3")
+        _check(not t.compile, "precision.fp8 with train.compile=true is not supported yet (torch.compile cannot "
+                              "trace the FP8 linear's autograd function): set train.compile=false")
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -818,6 +952,10 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
         name = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
             rows += field_docs(tp, name + ".")
+            continue
+        if dataclasses.is_dataclass(_section_type(tp)):  # an optional section (precision.fp8): its row, then its fields
+            rows.append((name, "None", f.metadata.get("doc", "")))
+            rows += field_docs(_section_type(tp), name + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]

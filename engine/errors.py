@@ -47,6 +47,11 @@ class CheckpointError(TesseraError, ValueError):
     exit_code = 5
 
 
+class ConversionError(CheckpointError):
+    """A Hugging Face model cannot be converted exactly (an architecture or a config field the model does not
+    implement, a missing shard, a tensor of the wrong shape), or a conversion failed its --verify check."""
+
+
 class RunDirError(TesseraError):
     """The run directory cannot be used (not a Tessera run, locked by another run, not writable)."""
 
@@ -76,5 +81,5 @@ EXIT_STOPPED = RunStopped.exit_code
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "EXIT_INTERRUPTED", "EXIT_STOPPED", "EXIT_TERMINATED",
+__all__ = ["CheckpointError", "ConfigError", "ConversionError", "DataError", "EXIT_INTERRUPTED", "EXIT_STOPPED", "EXIT_TERMINATED",
            "NumericalFault", "PeerFailure", "RunDirError", "RunStopped", "TesseraError", "TokenizerProblem"]

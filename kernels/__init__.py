@@ -31,23 +31,23 @@ except Exception:  # ImportError, or a broken install: the torch path still work
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 if TRITON_AVAILABLE:
-    from kernels.cross_entropy import (
+    from .cross_entropy import (
         combine_stats,
         cross_entropy,
         cross_entropy_ref,
         cross_entropy_stats,
     )
-    from kernels.flash_attention import (
+    from .flash_attention import (
         attention_ref,
         doc_ids_from_cu_seqlens,
         flash_attention,
     )
-    from kernels.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
-    from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
-    from kernels.swiglu import swiglu, swiglu_ref
+    from .norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+    from .rope import apply_rope, apply_rope_ref, rope_cos_sin
+    from .swiglu import swiglu, swiglu_ref
 
 __all__ = ["TRITON_AVAILABLE", "INTERPRET", "INTERPRET_REQUESTED"]
-if TRITON_AVAILABLE:  # only names that exist here, so `from kernels import *` works without triton
+if TRITON_AVAILABLE:  # only names that exist here, so `from engine.kernels import *` works without triton
     __all__ += [
         "flash_attention",
         "attention_ref",

@@ -1,7 +1,7 @@
 """Compile the Triton kernels ahead of time for a GPU target, on a machine without a GPU.
 
-    TRITON_INTERPRET=0 python -m kernels.aot                 # sm_90a (H100): registers, spills, smem
-    TRITON_INTERPRET=0 python -m kernels.aot --arch 80 --all-configs --json out.json
+    TRITON_INTERPRET=0 python -m engine.kernels.aot                 # sm_90a (H100): registers, spills, smem
+    TRITON_INTERPRET=0 python -m engine.kernels.aot --arch 80 --all-configs --json out.json
 
 Two uses: a GPU-only compile error (a construct the CPU interpreter accepts but the compiler
 does not) shows up on CPU CI (tests/kernels/test_compile_gpu.py), and register counts and
@@ -15,6 +15,7 @@ triton) reports registers/spills; the PTX alone is produced when no ptxas accept
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import os
@@ -114,10 +115,9 @@ def compile_one(b: Build, arch: int = 90) -> dict:
 
 def builds(all_configs: bool = False, head_dim: int = 128, hidden: int = 4096) -> list[Build]:
     """What the host code launches for a Llama-like layer (head dim, hidden width as given)."""
-    import kernels  # noqa: F401 - imports the kernel submodules
-
-    fa, norms = sys.modules["kernels.flash_attention"], sys.modules["kernels.norms"]
-    rope, swiglu, ce = sys.modules["kernels.rope"], sys.modules["kernels.swiglu"], sys.modules["kernels.cross_entropy"]
+    # the submodules, not the package's functions of the same names (flash_attention, swiglu, ...)
+    fa, norms, rope, swiglu, ce = (importlib.import_module(f"{__package__}.{m}") for m in
+                                   ("flash_attention", "norms", "rope", "swiglu", "cross_entropy"))
     import triton
 
     out: list[Build] = []
@@ -153,7 +153,7 @@ def builds(all_configs: bool = False, head_dim: int = 128, hidden: int = 4096) -
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m engine.kernels.aot", description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     p.add_argument("--all-configs", action="store_true", help="every attention autotune config, not the first")
     p.add_argument("--head-dim", type=int, default=128)
@@ -161,13 +161,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("kernels.aot compiles real GPU code: run it with TRITON_INTERPRET=0 "
+        print("engine.kernels.aot compiles real GPU code: run it with TRITON_INTERPRET=0 "
               "(the interpreter flag is read when triton is imported)", file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is the default
-    import kernels
+    from . import TRITON_AVAILABLE
 
-    if not kernels.TRITON_AVAILABLE:
+    if not TRITON_AVAILABLE:
         print("triton is not installed", file=sys.stderr)
         return 1
     results = []

@@ -78,11 +78,11 @@ def _check_size(size: str) -> None:
 def build_case(name: str, device: torch.device | str, dtype: torch.dtype, size: str = "realistic",
                seed: int = 0) -> Case:
     """The inputs of case `name`, drawn from a fixed seed, on `device` in `dtype`."""
-    from kernels.cross_entropy import cross_entropy, cross_entropy_ref
-    from kernels.flash_attention import attention_ref, flash_attention
-    from kernels.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
-    from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
-    from kernels.swiglu import swiglu, swiglu_ref
+    from .cross_entropy import cross_entropy, cross_entropy_ref
+    from .flash_attention import attention_ref, flash_attention
+    from .norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+    from .rope import apply_rope, apply_rope_ref, rope_cos_sin
+    from .swiglu import swiglu, swiglu_ref
 
     _check_size(size)
     big = size == "realistic"

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_device, interpreting
+from ._utils import check_device, interpreting
 
 
 @triton.jit

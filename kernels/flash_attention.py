@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_device, interpreting
+from ._utils import check_device, interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -49,7 +49,7 @@ def _configs(pairs: list[tuple[int, int, int, int]], names: tuple[str, str]) -> 
     ]
 
 
-# Candidates per kernel. Register counts from ptxas for sm_90a (`python -m kernels.aot
+# Candidates per kernel. Register counts from ptxas for sm_90a (`python -m engine.kernels.aot
 # --all-configs --head-dim D`, triton 3.9) shaped the lists: at D=128 every earlier dK/dV
 # config spilled (280-2612 bytes per thread: the fp32 dK and dV accumulators plus the k and v
 # tiles live in registers), so (16, 128, 8 warps) (no spill) and (32, 64, 8 warps) (4 bytes)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_device
+from ._utils import check_device
 
 
 @triton.jit

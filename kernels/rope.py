@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_device
+from ._utils import check_device
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def _tile(head_dim: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_HALF, num_warps): a 2K-element tile of (token, head) rows over 8 warps, 8
     elements per thread. The earlier 64x64 tile on 4 warps took 255 registers per thread on
     sm_90a (8 warps per SM); this one takes 64 for head dims 64-256 (32 warps per SM), per
-    `python -m kernels.aot`."""
+    `python -m engine.kernels.aot`."""
     block_half = triton.next_power_of_2(head_dim // 2)
     return max(1, min(64, 2048 // block_half)), block_half, 8
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_device
+from ._utils import check_device
 
 _BLOCK = 2048
 

@@ -131,6 +131,8 @@ INVARIANTS: dict[str, typing.Callable[[Any], bool]] = {
     "model.n_heads": POS, "model.n_kv_heads": _opt(POS), "model.head_dim": _opt(POS), "model.ffn_hidden": _opt(POS),
     "model.max_seq_len": POS, "model.norm_eps": _float(0, lo_open=True), "model.rope_theta": _float(0, lo_open=True),
     "model.dropout": _float(0, 1), "model.init_std": _float(0, lo_open=True),
+    "model.rope_scaling_factor": _float(1), "model.rope_low_freq_factor": _float(0, lo_open=True),
+    "model.rope_high_freq_factor": _float(0, lo_open=True), "model.rope_original_max_seq_len": POS,
     "data.seq_len": NONNEG, "data.seed": SEED,
     "data.train": lambda v: len(v) >= 1 and all(_float(0, lo_open=True)(d.weight) for d in v),
     "data.valid": lambda v: all(_float(0, lo_open=True)(d.weight) for d in v),
@@ -149,7 +151,8 @@ INVARIANTS: dict[str, typing.Callable[[Any], bool]] = {
     "precision.initial_loss_scale": _float(0, lo_open=True), "precision.loss_scale_window": POS,
     "precision.min_loss_scale": _float(0, lo_open=True), "precision.hysteresis": POS,
     "checkpoint.interval": NONNEG, "checkpoint.keep": NONNEG, "checkpoint.keep_every": NONNEG,
-    "checkpoint.time_limit": _opt(_float(0, lo_open=True)),
+    "checkpoint.time_limit": _opt(_float(0, lo_open=True)), "checkpoint.start_iteration": _opt(NONNEG),
+    "optim.cooldown_iters": _opt(POS),
 }
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-import kernels  # never fails: without triton, kernels.TRITON_AVAILABLE is False
+from engine import kernels  # never fails: without triton, kernels.TRITON_AVAILABLE is False
 from engine.config import config_from_dict
 from engine.model import build_model, ops
 from engine.model.attention import _doc_mask, attention

@@ -1,16 +1,20 @@
 """The layers, read from the code's own imports.
 
-Every .py under engine/ and kernels/ is parsed with `ast`; every `import` / `from ... import`
+Every .py under engine/ and kernels/ (installed as `engine.kernels`) is parsed with `ast`; every `import` / `from ... import`
 counts, wherever it is (module level, inside a function, under `if TYPE_CHECKING:`): a lazy
 import is still a dependency. Relative imports are resolved; anything outside the repository's
 own packages (torch, numpy, the standard library) is ignored. Rules:
 
-  kernels/                               imports nothing from engine
+  kernels/ (engine.kernels)              imports nothing from the rest of engine, and never the
+                                         top-level name `kernels` (Hugging Face's distribution)
   engine/parallel, engine/optim,
   engine/data                            never import engine.model, engine.train, engine.bench,
                                          engine.cli, engine.generate
   engine/model                           never imports engine.train, engine.bench, engine.cli,
                                          engine.generate
+  engine/convert                         never imports engine.train, engine.bench, engine.cli,
+                                         engine.generate; nothing below it (model, checkpoint,
+                                         parallel, optim, data) imports it
   engine/parallel                        never imports engine.optim (optim is the layer above
                                          parallel: it reads ParallelState and sharding specs)
   everywhere                             no import cycles between modules
@@ -28,15 +32,22 @@ from collections import deque
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "kernels")
+# Folder -> installed package name: the repository's kernels/ folder is installed as engine.kernels
+# (setup.py), so that it never collides with Hugging Face's top-level `kernels`.
+FOLDERS = {"engine": "engine", "kernels": "engine.kernels"}
+PACKAGES = ("engine",)
 _TOP = ("engine.bench", "engine.cli", "engine.generate")
 RULES = [  # (importer prefix, forbidden prefixes, why)
-    ("kernels", ("engine",), "kernels/ is standalone and imports nothing from engine"),
+    ("engine.kernels", ("engine",), "kernels/ is standalone and imports nothing from engine"),
     *[(low, ("engine.model", "engine.train") + _TOP, f"{low} is below the model and the training loop")
       for low in ("engine.parallel", "engine.optim", "engine.data")],
     ("engine.model", ("engine.train",) + _TOP, "engine.model is below the training loop"),
     ("engine.checkpoint", ("engine.train",) + _TOP,
      "engine.checkpoint (files, DCP I/O, weights) is below the training loop, which saves through it"),
+    ("engine.convert", ("engine.train",) + _TOP,
+     "engine.convert (Hugging Face conversion) is below the training loop, which starts from it"),
+    *[(low, ("engine.convert",), f"{low} is below the Hugging Face conversion")
+      for low in ("engine.model", "engine.checkpoint", "engine.parallel", "engine.optim", "engine.data")],
     ("engine.parallel", ("engine.optim",),
      "engine.optim is the layer above parallel: it reads ParallelState and sharding specs"),
 ]
@@ -71,9 +82,9 @@ def import_graph(root: Path) -> tuple[dict[str, Path], dict[str, list[tuple[int,
     """(module name -> file, module name -> [(line, imported repo module)]) for the packages under root."""
     root = Path(root)
     files: dict[str, Path] = {}
-    for pkg in PACKAGES:
-        for path in sorted((root / pkg).rglob("*.py")):
-            parts = list(path.relative_to(root).with_suffix("").parts)
+    for folder, pkg in FOLDERS.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = pkg.split(".") + list(path.relative_to(root / folder).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
             files[".".join(parts)] = path
@@ -104,7 +115,8 @@ def import_graph(root: Path) -> tuple[dict[str, Path], dict[str, list[tuple[int,
                 found = [(node.lineno, target(base, a.name)) for a in node.names]
             else:
                 continue
-            out += [(line, t) for line, t in found if t.split(".")[0] in PACKAGES and t != mod]
+            out += [(line, t) for line, t in found
+                    if (t.split(".")[0] in PACKAGES or t.split(".")[0] == "kernels") and t != mod]
         edges[mod] = sorted(set(out))
     return files, edges
 
@@ -173,7 +185,12 @@ def check_layering(root: Path) -> list[str]:
     for mod in sorted(edges, key=lambda m: rel[m]):
         for line, imported in edges[mod]:
             for importer, forbidden, why in RULES:
-                if _under(mod, importer) and any(_under(imported, f) for f in forbidden):
+                if _under(imported, "kernels"):
+                    problems.append(f"{rel[mod]}:{line}: {mod} imports the top-level name {imported} (ours is "
+                                    f"engine.kernels; the top-level `kernels` is Hugging Face's distribution)")
+                    break
+                own = importer if _under(mod, importer) and _under(imported, importer) else None
+                if _under(mod, importer) and not own and any(_under(imported, f) for f in forbidden):
                     problems.append(f"{rel[mod]}:{line}: {mod} imports {imported} ({why})")
                     break
     for cycle in _cycles(edges):
@@ -218,7 +235,8 @@ def test_the_checker_reports_planted_back_imports_and_cycles(tmp_path):
         "engine/data/a.py": "from . import b\nfrom engine.data import _native  # compiled, no .py\nA = 1\n",
         "engine/data/b.py": "import numpy\n\n\ndef f():\n    import engine.data.a\n",
         "kernels/__init__.py": "import torch\n",
-        "kernels/k.py": "from kernels import helpers\nfrom engine.errors import ConfigError\n",
+        "kernels/k.py": "from . import helpers\nfrom engine.errors import ConfigError\n",
+        "kernels/old.py": "from kernels import helpers\n",
         "kernels/helpers.py": "",
     })
     assert check_layering(tmp_path) == [
@@ -227,11 +245,14 @@ def test_the_checker_reports_planted_back_imports_and_cycles(tmp_path):
         "(engine.parallel is below the model and the training loop)",
         "engine/parallel/sharded.py:3: engine.parallel.sharded imports engine.optim.adam "
         "(engine.optim is the layer above parallel: it reads ParallelState and sharding specs)",
-        "kernels/k.py:2: kernels.k imports engine.errors (kernels/ is standalone and imports nothing from engine)",
+        "kernels/k.py:2: engine.kernels.k imports engine.errors (kernels/ is standalone and imports nothing from "
+        "engine)",
+        "kernels/old.py:1: engine.kernels.old imports the top-level name kernels (ours is engine.kernels; the "
+        "top-level `kernels` is Hugging Face's distribution)",
         "import cycle: engine.data.a -> engine.data.b -> engine.data.a "
         "(engine/data/a.py:1 imports engine.data.b; engine/data/b.py:5 imports engine.data.a)",
     ]
     # Removing the planted problems leaves a clean tree.
     _tree(tmp_path, {"engine/model/m.py": "", "engine/parallel/bad.py": "", "engine/parallel/sharded.py": "",
-                     "kernels/k.py": "", "engine/data/b.py": ""})
+                     "kernels/k.py": "", "kernels/old.py": "", "engine/data/b.py": ""})
     assert check_layering(tmp_path) == []

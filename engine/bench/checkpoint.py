@@ -32,12 +32,13 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from engine.bench import measure_in_temp_dir
 
 DEFAULT_OUT = Path("docs/results/bench_checkpoint_cpu.json")
 TARGET_PCT = 10.0  # the target: async blocking <= 10% of a sync save
@@ -350,16 +351,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.reps < 1 or args.steps < 1:
         ap.error("--reps and --steps must be at least 1")
     args.argv = argv
-    if args.dir is not None:
-        args.dir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="tessera-bench-checkpoint-", dir=args.dir))
-    try:
-        res = measure(args, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(_table(res))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    measure_in_temp_dir(lambda work: measure(args, work), "tessera-bench-checkpoint-", args.dir, args.out, _table)
     return 0
 
 

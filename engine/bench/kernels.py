@@ -205,7 +205,7 @@ def bench_matmul(t: Table, a) -> None:
 
 # --------------------------------------------------------------------------- attention
 def bench_attention(t: Table, a) -> None:
-    from kernels.flash_attention import flash_attention
+    from engine.kernels.flash_attention import flash_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     b, h, hkv, n, d = a.batch, a.heads, a.kv_heads or a.heads, a.seq, a.head_dim
@@ -243,7 +243,7 @@ def _bench_mem(t: Table, a, kernel: str, impls: dict[str, Callable], inputs: lis
 
 
 def bench_norms(t: Table, a, kind: str) -> None:
-    from kernels.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+    from engine.kernels.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 
     m, d = a.tokens, a.hidden
     x = torch.randn(m, d, device=a.device, dtype=a.dtype, requires_grad=True)
@@ -267,7 +267,7 @@ def bench_norms(t: Table, a, kind: str) -> None:
 
 
 def bench_rope(t: Table, a) -> None:
-    from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
+    from engine.kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
 
     b, h, hkv, n, d = a.rope_batch, a.heads, a.kv_heads or a.heads, a.seq, a.head_dim
     q = torch.randn(b, h, n, d, device=a.device, dtype=a.dtype, requires_grad=True)
@@ -282,7 +282,7 @@ def bench_rope(t: Table, a) -> None:
 
 
 def bench_swiglu(t: Table, a) -> None:
-    from kernels.swiglu import swiglu, swiglu_ref
+    from engine.kernels.swiglu import swiglu, swiglu_ref
 
     m, f = a.tokens, a.ffn
     g = torch.randn(m, f, device=a.device, dtype=a.dtype, requires_grad=True)
@@ -297,7 +297,7 @@ def bench_swiglu(t: Table, a) -> None:
 
 
 def bench_cross_entropy(t: Table, a) -> None:
-    from kernels.cross_entropy import cross_entropy, cross_entropy_ref
+    from engine.kernels.cross_entropy import cross_entropy, cross_entropy_ref
 
     m, v = a.ce_tokens, a.vocab
     x = torch.randn(m, v, device=a.device, dtype=a.dtype, requires_grad=True)
@@ -354,7 +354,7 @@ def _defaults(a) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     a = _parser().parse_args(argv)
     _defaults(a)
-    import kernels
+    from engine import kernels
 
     if not kernels.TRITON_AVAILABLE:
         print("triton is not installed: nothing to benchmark", file=sys.stderr)
@@ -369,7 +369,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "the numbers below are NOT meaningful performance figures.")
     out: dict = dict(env=env, args={k: str(v) for k, v in vars(a).items()}, checks=[], results=[])
     if a.check:
-        from kernels.checks import run_checks
+        from engine.kernels.checks import run_checks
 
         size = "realistic" if CUDA else "small"
         print(f"# correctness ({size} shapes, {a.check_dtype} vs an fp32 reference, relative L2 error)")

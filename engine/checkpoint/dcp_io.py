@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
 import os
 import pickle
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,8 +39,18 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from engine.errors import CheckpointError
 from engine.parallel.sharding import Box
 
-__all__ = ["Pieces", "SafeReader", "TensorInfo", "check_files", "read_metadata", "read_pieces", "tensor_infos",
+__all__ = ["Deferred", "Pieces", "SafeReader", "TensorInfo", "check_files", "read_metadata", "read_pieces", "tensor_infos",
            "write_pieces"]
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A piece whose values are produced only when DCP writes it (`make()`), so that a conversion holds one
+    tensor at a time instead of the model: shape and dtype are known up front, for the plan."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
 
 
 @dataclass
@@ -56,7 +67,8 @@ class Pieces:
         self.boxes.setdefault(name, []).append((box, value))
 
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for bs in self.boxes.values() for _, v in bs)
+        return sum(math.prod(v.shape) * torch.empty((), dtype=v.dtype).element_size()
+                   for bs in self.boxes.values() for _, v in bs)
 
     def to_host(self, cache: Optional[dict] = None) -> "Pieces":
         """A copy of every value in host memory (pinned when it comes from a GPU): an async save writes
@@ -139,6 +151,7 @@ class _PieceSavePlanner(DefaultSavePlanner):
         super().__init__()
         self._pieces = pieces
         self._by_index = {(n, tuple(b[0])): v for n, bs in pieces.boxes.items() for b, v in bs}
+        self._last_made: Optional[torch.Tensor] = None
 
     def create_local_plan(self):
         plan = super().create_local_plan()
@@ -147,10 +160,10 @@ class _PieceSavePlanner(DefaultSavePlanner):
             size = torch.Size(self._pieces.shapes[name])
             for box, v in bs:
                 chunk = ChunkStorageMetadata(offsets=torch.Size(box[0]), sizes=torch.Size(box[1]))
+                props = TensorProperties(dtype=v.dtype) if isinstance(v, Deferred) else \
+                    TensorProperties.create_from_tensor(v)
                 items.append(WriteItem(index=_index(name, box), type=WriteItemType.SHARD,
-                                       tensor_data=TensorWriteData(chunk=chunk,
-                                                                   properties=TensorProperties.create_from_tensor(v),
-                                                                   size=size)))
+                                       tensor_data=TensorWriteData(chunk=chunk, properties=props, size=size)))
         plan = dataclasses.replace(plan, items=list(plan.items) + items)
         self.plan = plan
         return plan
@@ -158,7 +171,20 @@ class _PieceSavePlanner(DefaultSavePlanner):
     def lookup_object(self, index: MetadataIndex) -> Any:
         key = (index.fqn, tuple(index.offset) if index.offset is not None else None)
         if key in self._by_index:
-            return self._by_index[key]
+            v = self._by_index[key]
+            if isinstance(v, Deferred):
+                # DCP's serial loader (write_pieces forces it for deferred pieces) writes each item before it
+                # asks for the next, but keeps a reference to every tensor until the file is closed: free the
+                # previous piece's memory here, or a conversion would hold the whole model by its end.
+                if self._last_made is not None:
+                    self._last_made.untyped_storage().resize_(0)
+                t = v.make()
+                self._last_made = t
+                if tuple(t.shape) != tuple(v.shape) or t.dtype != v.dtype:
+                    raise CheckpointError(f"{index.fqn}: produced {t.dtype} {tuple(t.shape)} for a piece planned "
+                                          f"as {v.dtype} {tuple(v.shape)}")
+                return t
+            return v
         return super().lookup_object(index)
 
 
@@ -206,7 +232,13 @@ def write_pieces(path: Path, pieces: Pieces, tensors: dict[str, torch.Tensor],
                  group: Optional[dist.ProcessGroup] = None, thread_count: int = 1) -> None:
     """Write `pieces` and the plain `tensors` of every rank of `group` into `path` (collective over the
     group). Files are fsynced before this returns on any rank."""
-    writer = dcp.FileSystemWriter(str(path), sync_files=True, thread_count=thread_count)
+    deferred = any(isinstance(v, Deferred) for bs in pieces.boxes.values() for _, v in bs)
+    extra = {}
+    if deferred:  # one thread, no copy-ahead: the serial loader the planner's freeing relies on
+        thread_count = 1
+        if "per_thread_copy_ahead" in inspect.signature(dcp.FileSystemWriter.__init__).parameters:
+            extra["per_thread_copy_ahead"] = 0
+    writer = dcp.FileSystemWriter(str(path), sync_files=True, thread_count=thread_count, **extra)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
         dcp.save(dict(tensors), storage_writer=writer, planner=_PieceSavePlanner(pieces),

@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -37,7 +37,8 @@ from engine.errors import CheckpointError, ConfigError, RunDirError
 from engine.parallel.state import ParallelState
 from engine.checkpoint.meta import read_meta
 
-__all__ = ["DTYPES", "EXPORT_MARKER", "Exported", "ModelCheckpoint", "export_checkpoint", "is_checkpoint_path"]
+__all__ = ["DTYPES", "EXPORT_MARKER", "Exported", "ModelCheckpoint", "batches", "export_checkpoint",
+           "is_checkpoint_path"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXPORT_MARKER = ".tessera-export"
@@ -58,15 +59,16 @@ def is_checkpoint_path(path: str | os.PathLike) -> bool:
         StepDir(c).step >= 0 and c.is_dir() for c in p.iterdir())
 
 
-def _batches(names: list[str], infos: dict[str, TensorInfo], limit: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def batches(items: list, nbytes: Callable[[object], int], limit: int) -> Iterator[list]:
+    """Consecutive items in lists of at most `limit` bytes (one larger item alone)."""
+    batch: list = []
     size = 0
-    for n in names:
-        if batch and size + infos[n].nbytes > limit:
+    for n in items:
+        if batch and size + nbytes(n) > limit:
             yield batch
             batch, size = [], 0
         batch.append(n)
-        size += infos[n].nbytes
+        size += nbytes(n)
     if batch:
         yield batch
 
@@ -99,17 +101,21 @@ class ModelCheckpoint:
         check_files(step.path, md)
         return cls(step, meta, cfg, list(want), {n: saved[n] for n in want})
 
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Full CPU tensors (as saved) of these canonical names, in one DCP read."""
+        pieces, out = Pieces(), {}
+        for n in names:
+            info = self.infos[n]
+            out[n] = torch.empty(info.shape, dtype=info.dtype)
+            pieces.add(f"model/{n}", info.shape, ((0,) * len(info.shape), info.shape), out[n])
+        read_pieces(self.step.path, pieces, {})
+        return out
+
     def tensors(self, batch_bytes: int = _BATCH_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
         """(canonical name, full CPU tensor as saved) in parameter order, read `batch_bytes` at a time."""
-        for batch in _batches(self.names, self.infos, batch_bytes):
-            pieces, out = Pieces(), {}
-            for n in batch:
-                info = self.infos[n]
-                out[n] = torch.empty(info.shape, dtype=info.dtype)
-                pieces.add(f"model/{n}", info.shape, ((0,) * len(info.shape), info.shape), out[n])
-            read_pieces(self.step.path, pieces, {})
-            pieces = None  # only the caller holds a tensor once it has been yielded
-            for n in batch:
+        for batch in batches(self.names, lambda n: self.infos[n].nbytes, batch_bytes):
+            out = self.read(batch)
+            for n in batch:  # only the caller holds a tensor once it has been yielded
                 yield n, out.pop(n)
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ from engine.checkpoint.meta import FORMAT
 __all__ = ["describe", "find_step", "render_text"]
 
 # groups of keys (engine/train/checkpointing.py names them); anything else is "other"
-_GROUPS = (("model/", "model"), ("optim/", "optimizer"), ("rng/", "rng"))
+_GROUPS = (("model/", "model"), ("optim/", "optimizer"), ("rng/", "rng"), ("fp8/", "fp8"))
 
 
 def find_step(path: str | os.PathLike) -> StepDir:
@@ -73,7 +73,7 @@ def _read_meta(step: StepDir, problems: list[str]) -> Optional[dict]:
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Everything inspect shows, as JSON-ready data: path, step, complete, loadable, iteration, layout,
     engine, format, saved_at, lineage, config, tensors [{name, shape, dtype, nbytes, chunks}], total_bytes,
-    bytes per group (model / optimizer / rng / other), the shard files with their sizes, and problems."""
+    bytes per group (model / optimizer / rng / fp8 / other), the shard files with their sizes, and problems."""
     given = Path(path)
     step = find_step(given)
     problems: list[str] = []
@@ -121,7 +121,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "config": meta.get("config"),
         "tensors": tensors,
         "total_bytes": sum(groups.values()),
-        "bytes": {g: n for g, n in groups.items() if n or g != "other"},
+        "bytes": {g: n for g, n in groups.items() if n or g not in ("other", "fp8")},  # fp8: FP8 runs only
         "files": files,
         "disk_bytes": sum(files.values()),
         "problems": problems,
@@ -162,8 +162,14 @@ def _lineage_lines(lineage: Optional[list]) -> list[str]:
     out = []
     for item in lineage:
         if isinstance(item, dict):
-            kind = {"resume": "resumed from", "init_from": "weights from"}.get(item.get("kind"), item.get("kind"))
-            out.append(f"{kind} {item.get('path')} (step {item.get('iteration')})")
+            kind = {"resume": "resumed from", "init_from": "weights from",
+                    "from_hf": "converted from the Hugging Face model"}.get(item.get("kind"), item.get("kind"))
+            took = [name for key, name in (("reset_optimizer", "optimizer state"), ("reset_schedule", "schedule"),
+                                           ("reset_data", "data position")) if item.get(key) is False]
+            at = [f"{k.replace('start_', 'starting at ').replace('_', ' ')} {item[k]}"
+                  for k in ("start_iteration", "start_consumed_samples") if item.get(k)]
+            extra = "".join(f"; {x}" for x in ([f"also its {', '.join(took)}"] if took else []) + at)
+            out.append(f"{kind} {item.get('path')} (step {item.get('iteration')}{extra})")
         else:
             out.append(str(item))
     return out

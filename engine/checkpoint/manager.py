@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from engine.checkpoint.dcp_io import Pieces, write_pieces
-from engine.checkpoint.files import StepDir, ensure_checkpoint_dir, publish, remove_stale, retain, temp_dir
+from engine.checkpoint.files import StepDir, ensure_checkpoint_dir, fsync_file, publish, remove_stale, retain, temp_dir
 from engine.errors import CheckpointError
 
 __all__ = ["CheckpointSaver", "SaveOutcome"]
@@ -98,9 +98,11 @@ class CheckpointSaver:
             pieces.to_host(self._staging)
 
     def save(self, step: int, pieces: Pieces, tensors: dict[str, torch.Tensor],
-             meta: Callable[[], bytes]) -> SaveOutcome:
+             meta: Callable[[], bytes], files: Optional[dict[str, Path]] = None) -> SaveOutcome:
         """Save step `step` (collective). `meta()` is called on rank 0 once the shards are written and gives
-        tessera.json. Returns at once after staging when async; after publication when sync."""
+        tessera.json. `files` (name in the checkpoint -> source; small files such as the tokenizer's) are
+        copied in by rank 0 before publication. Returns at once after staging when async; after publication
+        when sync."""
         self.wait()
         out = SaveOutcome(step)
         t0 = time.perf_counter()
@@ -110,20 +112,25 @@ class CheckpointSaver:
             staged_tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
             out.blocked_seconds = time.perf_counter() - t0
             self._inflight = out
-            self._thread = threading.Thread(target=self._write, args=(out, tmp, staged, staged_tensors, meta, t0),
+            self._thread = threading.Thread(target=self._write, args=(out, tmp, staged, staged_tensors, meta, t0,
+                                                                      files),
                                             name=f"tessera-checkpoint-{step}", daemon=True)
             self._thread.start()
             return out
-        self._write(out, tmp, pieces, tensors, meta, t0)
+        self._write(out, tmp, pieces, tensors, meta, t0, files)
         out.blocked_seconds = time.perf_counter() - t0
         self._report(out)
         return out
 
     def _write(self, out: SaveOutcome, tmp: Path, pieces: Pieces, tensors: dict[str, torch.Tensor],
-               meta: Callable[[], bytes], t0: float) -> None:
+               meta: Callable[[], bytes], t0: float, files: Optional[dict[str, Path]] = None) -> None:
         try:
             write_pieces(tmp, pieces, tensors, self.group)
             if self.rank == 0:
+                for name, src in (files or {}).items():
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, tmp / name)
+                    fsync_file(tmp / name)
                 out.published = publish(tmp, self.root, out.step, meta())
                 retain(self.root, self.keep, self.keep_every)
         except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException

@@ -28,8 +28,8 @@ from engine.data.cleaning import CleanConfig
 from engine.data.gpt_dataset import BlendedDataset, DatasetBuildError, GPTDataset, IndexSpec, blending_counts
 from engine.data.indexed import IndexedDataset, IndexedDatasetError, bin_path, idx_path, inside, safe_stem
 from engine.data.preprocess import check_tokenizer, preprocess
-from engine.data.sources import (BUILTIN_PYDOC, SourceError, _megatron_prefix, check_text_file, is_raw_source,
-                                 source_name)
+from engine.data.sources import (BUILTIN_PYDOC, BUILTIN_STDLIB, SourceError, _megatron_prefix, check_text_file,
+                                 is_raw_source, source_name, stdlib_identity)
 from engine.data.tokenizers import Tokenizer, TokenizerError, tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -72,6 +72,8 @@ def _raw_prefix(path: str, name: str, tokenizer: Tokenizer, cache_dir: pathlib.P
     """Cache prefix of a raw source, keyed by its identity and the tokenizer (so any change rebuilds it)."""
     if path == BUILTIN_PYDOC:
         ident = {"pydoc": sys.version}
+    elif path == BUILTIN_STDLIB:
+        ident = stdlib_identity()
     else:
         st = os.stat(path)
         ident = {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -110,7 +112,8 @@ def _gpt(src: _Source, indexed: IndexedDataset, doc_range: tuple[int, int], kind
     spec = IndexSpec(name=f"{src.name}-{kind}", prefix=src.prefix, seq_begin=int(di[doc_range[0]]),
                      seq_end=int(di[doc_range[1]]), seq_len=cfg.seq_len, num_samples=num_samples, seed=cfg.data.seed)
     try:
-        return GPTDataset(indexed, spec, tokenizer.eod_id, cfg.data.document_masking, cache_dir, build)
+        return GPTDataset(indexed, spec, tokenizer.eod_id, cfg.data.document_masking, cache_dir, build,
+                          source=src.name)
     except DatasetBuildError as e:
         raise DatasetBuildError(f"dataset {src.name!r} ({src.prefix}), {kind} split {doc_range}: {e}") from None
 
@@ -187,12 +190,14 @@ def _assemble(cfg: "Config", tokenizer: Tokenizer, train_samples: int, valid_sam
             check_tokenizer(src.prefix, tokenizer, cfg.model.vocab_size, verify_token_ids,
                             dataset=opened[src.prefix], scan_if_unrecorded=build)
 
-    # train: the train split of every train dataset, blended by weight with exact per-dataset counts
+    # train: the train split of every train dataset, blended by weight, exact per global batch (the blend
+    # knows train.global_batch_size; its cache is keyed by it and the data seed)
     parts: list[GPTDataset] = []
     valids: dict[str, Dataset] = {}
     counts = None
     if len(train_src) > 1:
-        ds_index, ds_sample = blending_counts([s.weight for s in train_src], max(train_samples, 1), cache_dir, build)
+        ds_index, ds_sample = blending_counts([s.weight for s in train_src], max(train_samples, 1), cache_dir, build,
+                                              global_batch_size=cfg.train.global_batch_size, seed=d.seed)
         counts = [int((ds_index == k).sum()) for k in range(len(train_src))]
     for k, src in enumerate(train_src):
         indexed = opened[src.prefix]
@@ -215,7 +220,8 @@ def _assemble(cfg: "Config", tokenizer: Tokenizer, train_samples: int, valid_sam
     if not d.valid and not valids and parse_split(d.split)[1] > 0:
         warnings.warn(f"data.split={d.split!r}: the validation split holds no documents (datasets too small); "
                       f"no validation set", RuntimeWarning)
-    train = parts[0] if len(parts) == 1 else BlendedDataset(parts, ds_index, ds_sample)
+    train = parts[0] if len(parts) == 1 else BlendedDataset(parts, ds_index, ds_sample,
+                                                            names=[s.name for s in train_src])
     return train, valids
 
 

@@ -8,6 +8,9 @@ A GPTDataset covers a contiguous range of sequences ("documents") of one .bin/.i
   shuffle_idx int64 [n_samples]        sample order (final partial epoch shuffled separately)
 The three arrays are cached as .npy under cache_dir, named by a hash of everything that determines them,
 built by the builder rank only (others wait at the barrier, then read).
+
+Several datasets are blended exactly per global batch (BlendedDataset, blending_counts): every global
+batch of G samples holds floor or ceil of w_k * G samples of dataset k, in a seeded order.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from engine.data.masking import document_features
 from engine.errors import DataError
 
 INDEX_VERSION = 1  # bump when the index semantics change, so old caches are not reused
+BLEND_VERSION = 2  # the blending index: 1 = Megatron's greedy order, 2 = exact per global batch
 SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
 
 
@@ -102,9 +106,10 @@ def _save_atomic(path: Path, arr: np.ndarray) -> None:
 
 class GPTDataset(Dataset):
     def __init__(self, indexed: IndexedDataset, spec: IndexSpec, eod_id: int, document_masking: bool,
-                 cache_dir: Path, build: bool):
+                 cache_dir: Path, build: bool, source: Optional[str] = None):
         self.indexed = indexed
         self.spec = spec
+        self.source = source or spec.name  # the dataset's name in the config (keys of samples_in)
         self.eod_id = eod_id
         self.document_masking = document_masking
         sizes = indexed.sizes[spec.seq_begin:spec.seq_end]
@@ -185,6 +190,10 @@ class GPTDataset(Dataset):
         """{dataset name: samples of it among the first `consumed` samples} (the data position of a run)."""
         return {self.spec.name: int(consumed)}
 
+    def samples_in(self, start: int, stop: int) -> dict[str, int]:
+        """{config name: samples of it at stream positions [start, stop)}: all of them (one dataset)."""
+        return {self.source: max(int(stop) - int(start), 0)}
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         n = len(self)
         if not -n <= i < n:
@@ -197,12 +206,20 @@ class GPTDataset(Dataset):
 
 
 class BlendedDataset(Dataset):
-    """Datasets mixed by weight with Megatron's greedy blending index: exact shares in every prefix (+-1)."""
+    """Datasets mixed by weight, exact per global batch (blending_counts): global batch b, the positions
+    [b*G, (b+1)*G), holds floor or ceil of w_k * G samples of dataset k, and every batch boundary is within
+    one sample of w_k * n for each dataset. `names`: the datasets' config names (keys of samples_in)."""
 
-    def __init__(self, datasets: Sequence[Dataset], dataset_index: np.ndarray, dataset_sample_index: np.ndarray):
+    def __init__(self, datasets: Sequence[Dataset], dataset_index: np.ndarray, dataset_sample_index: np.ndarray,
+                 names: Optional[Sequence[str]] = None):
         self.datasets = list(datasets)
         self.dataset_index = dataset_index                # int16 [size]
         self.dataset_sample_index = dataset_sample_index  # int64 [size]
+        self.names = list(names) if names is not None else [
+            getattr(ds, "source", None) or getattr(getattr(ds, "spec", None), "name", f"dataset{k}")
+            for k, ds in enumerate(self.datasets)]
+        if len(self.names) != len(self.datasets):
+            raise DatasetBuildError(f"blended dataset: {len(self.names)} names for {len(self.datasets)} datasets")
         for k, ds in enumerate(self.datasets):
             need = int(dataset_sample_index[dataset_index == k].max(initial=-1)) + 1
             if len(ds) < need:
@@ -233,6 +250,31 @@ class BlendedDataset(Dataset):
         names = [getattr(getattr(ds, "spec", None), "name", f"dataset{k}") for k, ds in enumerate(self.datasets)]
         return {name: int(c) for name, c in zip(names, counts)}
 
+    def _counts_before(self, pos: int) -> np.ndarray:
+        """Samples of each dataset at stream positions [0, pos) -> int64 [K] (positions wrap like __getitem__)."""
+        n, K = len(self), len(self.datasets)
+        if pos <= 0 or n == 0:
+            return np.zeros(K, dtype=np.int64)
+        laps, rest = divmod(int(pos), n)
+        out = np.bincount(np.asarray(self.dataset_index[:rest]).astype(np.int64), minlength=K)
+        if laps:
+            out = out + laps * np.bincount(np.asarray(self.dataset_index).astype(np.int64), minlength=K)
+        return out
+
+    def samples_in(self, start: int, stop: int) -> dict[str, int]:
+        """{config name: samples of it at stream positions [start, stop)}; for the steps from consumed_samples
+        s0 to s1 (global batches), samples_in(s0, s1). Every dataset is a key, also with a count of 0."""
+        n, K = len(self), len(self.datasets)
+        start, stop = int(start), int(stop)
+        if stop <= start:
+            return {name: 0 for name in self.names}
+        if n and stop - start <= n and start // n == (stop - 1) // n:  # the common case: one slice
+            a = start % n
+            counts = np.bincount(np.asarray(self.dataset_index[a:a + stop - start]).astype(np.int64), minlength=K)
+        else:
+            counts = self._counts_before(stop) - self._counts_before(start)
+        return {name: int(c) for name, c in zip(self.names, counts)}
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         n = len(self)
         if not -n <= i < n:
@@ -241,17 +283,23 @@ class BlendedDataset(Dataset):
         return self.datasets[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]
 
 
-def blending_counts(weights: Sequence[float], size: int, cache_dir: Optional[Path] = None, build: bool = True
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Blending indices for `size` samples, cached like the dataset indices (the loop is sequential)."""
+def blending_counts(weights: Sequence[float], size: int, cache_dir: Optional[Path] = None, build: bool = True, *,
+                    global_batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blending indices for `size` samples, exact per global batch of `global_batch_size` (G) samples
+    (ib.build_batch_blending_indices), the order inside each batch shuffled from the data `seed`; cached
+    like the dataset indices. A pure function of (weights, G, seed): the same at any dp and after a resume;
+    another G gives another stream."""
+    w = np.asarray(weights, dtype=np.float64)
+    G, bseed = int(global_batch_size), _subseed(int(seed), "blend")
     if cache_dir is None:
-        return ib.build_blending_indices(np.asarray(weights, dtype=np.float64), size)
-    key = hashlib.sha256(json.dumps({"w": [float(w) for w in weights], "n": size, "v": INDEX_VERSION}).encode())
+        return ib.build_batch_blending_indices(w, size, G, bseed)
+    key = hashlib.sha256(json.dumps({"w": [float(x) for x in weights], "n": size, "v": INDEX_VERSION,
+                                     "blend": BLEND_VERSION, "G": G, "seed": int(seed), "q": ib.BLEND_Q}).encode())
     stem = Path(cache_dir) / f"blend-{key.hexdigest()[:20]}"
     a, b = Path(f"{stem}-dataset_idx.npy"), Path(f"{stem}-sample_idx.npy")
     if build and not b.is_file():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        ds, ds_sample = ib.build_blending_indices(np.asarray(weights, dtype=np.float64), size)
+        ds, ds_sample = ib.build_batch_blending_indices(w, size, G, bseed)
         _save_atomic(a, ds)
         _save_atomic(b, ds_sample)
     if not b.is_file():

@@ -146,6 +146,143 @@ def build_blending_indices_numpy(weights: np.ndarray, size: int) -> tuple[np.nda
     return ds, ds_sample
 
 
+# Per-batch exact blending. Dataset k's share of a global batch of G samples, t_k = w_k * G, is quantised
+# to a_k / BLEND_Q (exact rationals, largest remainder, so sum a_k = G * BLEND_Q): every batch holds
+# f_k = a_k // BLEND_Q samples of k, plus one "extra" in some batches, at the rate rho_k / BLEND_Q with
+# rho_k = a_k % BLEND_Q; the R = G - sum f_k extras of each batch are a Pfair schedule (PD2, below).
+BLEND_Q = 1 << 30
+MAX_BLEND_BATCHES = 1 << 28  # keeps every product of the PD2 arithmetic below 2^62 (int64 in C++)
+
+
+def blend_quota(weights, global_batch_size: int, q: int = BLEND_Q) -> tuple[np.ndarray, np.ndarray]:
+    """-> (f int64 [K], rho int64 [K]): per batch, dataset k gets f_k or f_k + 1 samples (the latter at rate
+    rho_k / q), sum(f) + sum(rho) / q == global_batch_size exactly.
+
+    Exact rational arithmetic on the float weights (normalised), rounded by largest remainder to multiples
+    of 1/q (ties: lower index), so f_k and f_k + 1 are always floor and ceil of w_k * G; a share within
+    1/q of an integer (0.95 * 20) is that integer.
+    """
+    from fractions import Fraction
+
+    G = int(global_batch_size)
+    w = [Fraction(float(x)) for x in np.asarray(weights, dtype=np.float64).ravel()]
+    if not w or G <= 0 or q <= 0 or any(x <= 0 for x in w):
+        raise ValueError(f"blend_quota: expected positive weights and global_batch_size, found "
+                         f"{[float(x) for x in w]}, {G}")
+    total = sum(w)
+    exact = [x * G * q / total for x in w]          # sums to G * q exactly
+    a = [int(e.numerator // e.denominator) for e in exact]
+    rest = G * q - sum(a)
+    order = sorted(range(len(w)), key=lambda k: (-(exact[k] - a[k]), k))
+    for k in order[:rest]:
+        a[k] += 1
+    f = np.array([x // q for x in a], dtype=np.int64)
+    rho = np.array([x % q for x in a], dtype=np.int64)
+    return f, rho
+
+
+def _pd2_key(e: int, rho: int, q: int, k: int) -> tuple[int, int, int, int]:
+    """PD2 priority (smaller first) of subtask i = e + 1 of task k with weight rho/q (0 < rho < q):
+    pseudo-deadline d = ceil(i/wt), then b-bit 1 first, then for heavy tasks (wt >= 1/2) the later group
+    deadline D = ceil(ceil(d * (1 - wt)) / (1 - wt)) first, then the lower index."""
+    i = e + 1
+    d = -(-i * q // rho)
+    bbit = 1 if (i * q) % rho else 0
+    D = 0
+    if bbit and 2 * rho >= q:
+        x = -(-d * (q - rho) // q)
+        D = -(-x * q // (q - rho))
+    return d, -bbit, -D, k
+
+
+def pfair_extras_numpy(rho: np.ndarray, q: int, n_batches: int) -> np.ndarray:
+    """-> int8 [n_batches, K]: which datasets take their extra sample in each batch (PD2 Pfair schedule).
+
+    Task k has weight rho_k/q < 1 and the weights sum to an integer R (the extras per batch). PD2
+    (Anderson & Srinivasan) is optimal for synchronous periodic tasks on R processors: every task's lag,
+    rho_k/q * b - extras_k(b), stays strictly between -1 and 1 after every batch b, and each batch has
+    exactly R extras, at most one per task.
+    """
+    rho = [int(x) for x in np.asarray(rho, dtype=np.int64)]
+    K = len(rho)
+    if sum(rho) % q or any(not 0 <= r < q for r in rho):
+        raise ValueError(f"pfair_extras: expected 0 <= rho < {q} summing to a multiple of it, found {rho}")
+    R = sum(rho) // q
+    out = np.zeros((n_batches, K), dtype=np.int8)
+    if R == 0:
+        return out
+    tasks = [k for k in range(K) if rho[k]]
+    done = [0] * K
+    for t in range(n_batches):
+        # eligible: the pending subtask i = done + 1 is released, r = floor((i - 1) / wt) <= t
+        ready = sorted(_pd2_key(done[k], rho[k], q, k) for k in tasks if done[k] * q // rho[k] <= t)
+        if len(ready) < R:  # impossible for a PD2 schedule of total weight R; guards the arithmetic
+            raise RuntimeError(f"pfair_extras: {len(ready)} eligible datasets for {R} extras at batch {t}")
+        for key in ready[:R]:
+            k = key[3]
+            out[t, k] = 1
+            done[k] += 1
+    return out
+
+
+def _batch_permutations(n: int, seeds: np.ndarray) -> np.ndarray:
+    """Row b: permutation_numpy(n, seeds[b]) -> int64 [len(seeds), n] (vectorised over the rows)."""
+    seeds = np.asarray(seeds, dtype=np.uint64)
+    B = seeds.size
+    half, mask, _ = _feistel_params(n, 0)
+    with np.errstate(over="ignore"):
+        base = _splitmix64(seeds)                                                  # [B]
+        keys = _splitmix64(base[None, :] + np.arange(FEISTEL_ROUNDS, dtype=np.uint64)[:, None])  # [rounds, B]
+    x = np.tile(np.arange(n, dtype=np.uint64), B)                                  # [B*n]
+    rows = np.repeat(np.arange(B), n)                                              # [B*n]
+    y = _feistel(x, half, mask, keys[:, rows])
+    todo = np.flatnonzero(y >= np.uint64(n))
+    while todo.size:
+        y[todo] = _feistel(y[todo], half, mask, keys[:, rows[todo]])
+        todo = todo[y[todo] >= np.uint64(n)]
+    return y.astype(np.int64).reshape(B, n)
+
+
+def build_batch_blending_indices_numpy(floor: np.ndarray, rho: np.ndarray, q: int, global_batch_size: int,
+                                       size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-batch exact blending -> (dataset index int16 [size], sample index within it int64 [size]).
+
+    Global batch b (positions [b*G, (b+1)*G)) holds f_k + extra_k(b) samples of dataset k (extras:
+    pfair_extras), laid out dataset by dataset and then put in the order of permutation(G, seed + b):
+    position j of the batch takes slot perm[j]. The sample index counts up within each dataset in stream
+    order. A prefix of the stream does not depend on `size`.
+    """
+    G = int(global_batch_size)
+    f = np.asarray(floor, dtype=np.int64)
+    K = f.size
+    if not 1 <= K <= 32767 or size < 0 or G <= 0:
+        raise ValueError(f"build_batch_blending_indices: need 1..32767 datasets, size >= 0 and "
+                         f"global_batch_size > 0, found {K}, {size}, {G}")
+    n_batches = -(-size // G)
+    if n_batches > MAX_BLEND_BATCHES:
+        raise ValueError(f"build_batch_blending_indices: {n_batches} batches, more than {MAX_BLEND_BATCHES}")
+    if int(f.sum()) + int(np.asarray(rho, dtype=np.int64).sum()) // q != G or np.any(f < 0):
+        raise ValueError(f"build_batch_blending_indices: quota {f.tolist()} + {np.asarray(rho).tolist()}/{q} "
+                         f"does not make batches of {G}")
+    counts = f[None, :] + pfair_extras_numpy(rho, q, n_batches)                  # [B, K]
+    ds = np.empty(n_batches * G, dtype=np.int16)
+    labels_all = np.arange(K, dtype=np.int16)
+    chunk = max(1, (1 << 18) // G)
+    for b0 in range(0, n_batches, chunk):
+        c = counts[b0:b0 + chunk]                                                   # [C, K]
+        labels = np.repeat(np.tile(labels_all, len(c)), c.ravel()).reshape(len(c), G)  # slot order, per batch
+        with np.errstate(over="ignore"):
+            seeds = np.uint64(seed & _MASK64) + np.arange(b0, b0 + len(c), dtype=np.uint64)
+        perm = _batch_permutations(G, seeds)                                        # [C, G]
+        ds[b0 * G:(b0 + len(c)) * G] = np.take_along_axis(labels, perm, axis=1).ravel()
+    ds = ds[:size]
+    order = np.argsort(ds, kind="stable")
+    first = np.searchsorted(ds[order], np.arange(K), side="left")                  # [K]
+    ds_sample = np.empty(size, dtype=np.int64)
+    ds_sample[order] = np.arange(size, dtype=np.int64) - first[ds[order]]
+    return ds, ds_sample
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -177,6 +314,29 @@ def build_blending_indices(weights: np.ndarray, size: int, backend: Backend = "a
     if _use_cpp(backend):
         return tuple(_cpp.build_blending_indices(w, int(size)))  # type: ignore[return-value]
     return build_blending_indices_numpy(w, size)
+
+
+def build_batch_blending_indices(weights: np.ndarray, size: int, global_batch_size: int, seed: int,
+                                 backend: Backend = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Blend exact per global batch -> (dataset index int16 [size], sample index within it int64 [size]).
+
+    Every global batch of `global_batch_size` samples holds floor or ceil of w_k * G samples of dataset k
+    (weights normalised), cumulative counts stay within one sample of w_k * n at every batch boundary, and
+    the order inside a batch is a seeded shuffle (seed + batch index). A pure function of (weights, G, seed);
+    the first n samples are the same for any size >= n.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.size == 0 or np.any(w <= 0) or not np.all(np.isfinite(w)):
+        raise ValueError(f"build_batch_blending_indices: expected positive finite weights, found {w.tolist()}")
+    if global_batch_size <= 0:
+        raise ValueError(f"build_batch_blending_indices: global_batch_size must be > 0, found {global_batch_size}")
+    f, rho = blend_quota(w, global_batch_size)
+    if _use_cpp(backend):
+        if -(-size // global_batch_size) > MAX_BLEND_BATCHES:
+            raise ValueError(f"build_batch_blending_indices: more than {MAX_BLEND_BATCHES} batches")
+        return tuple(_cpp.build_batch_blending_indices(f, rho, BLEND_Q, int(global_batch_size), int(size),
+                                                       int(seed) & _MASK64))  # type: ignore[return-value]
+    return build_batch_blending_indices_numpy(f, rho, BLEND_Q, global_batch_size, size, seed)
 
 
 def build_doc_idx(num_docs: int, num_epochs: int, seed: int, separate_final_epoch: bool,

@@ -1,4 +1,5 @@
-"""Raw document sources: `builtin:pydoc`, plain text and JSONL files, optionally gzip/zstd compressed.
+"""Raw document sources: `builtin:pydoc`, `builtin:stdlib`, plain text and JSONL files, optionally gzip/zstd
+compressed.
 
 Every reader is a generator of documents (str), streaming the file so memory stays flat in its size. A file
 that is not text (a .bin/.idx, an image, an unknown compression: NUL bytes or mostly invalid UTF-8 in its first
@@ -14,6 +15,7 @@ import importlib.util
 import io
 import json
 import re
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import BinaryIO, Iterator, Literal, Optional
 from engine.errors import DataError
 
 BUILTIN_PYDOC = "builtin:pydoc"
+BUILTIN_STDLIB = "builtin:stdlib"
+BUILTINS = (BUILTIN_PYDOC, BUILTIN_STDLIB)  # corpora that ship with every CPython: no file, no download
 TextMode = Literal["blank", "line"]  # one document per blank-line-separated block, or per line
 
 SNIFF_BYTES = 64 << 10     # the first 64 KiB (after decompression) decide whether a file is text
@@ -45,7 +49,7 @@ def _megatron_prefix(path: Path) -> Optional[str]:
 def is_raw_source(path: str) -> bool:
     """True for inputs that need preprocessing (text/jsonl/builtin), False for a Megatron .bin/.idx prefix
     -- and False for the .bin or .idx file of one (PREFIX.bin with PREFIX.idx beside it): that is no text."""
-    if path == BUILTIN_PYDOC:
+    if path in BUILTINS:
         return True
     p = Path(path)
     if Path(path + ".idx").is_file() and Path(path + ".bin").is_file():
@@ -57,9 +61,9 @@ def is_raw_source(path: str) -> bool:
 
 
 def source_name(path: str) -> str:
-    """A short name for metrics: 'pydoc' for builtin:pydoc, else the file name without data extensions."""
-    if path == BUILTIN_PYDOC:
-        return "pydoc"
+    """A short name for metrics: 'pydoc' / 'stdlib' for the builtins, else the file name without data extensions."""
+    if path in BUILTINS:
+        return path[len("builtin:"):]
     name = Path(path).name
     for ext in (".gz", ".zst", ".jsonl", ".json", ".txt", ".bin", ".idx"):
         if name.endswith(ext):
@@ -198,7 +202,13 @@ def _binary_reason(head: bytes, complete: bool) -> Optional[str]:
 
 
 def check_text_file(path: str | Path) -> None:
-    """Raise SourceError unless PATH exists and its first 64 KiB (decompressed) look like text. Only reads."""
+    """Raise SourceError unless PATH exists and its first 64 KiB (decompressed) look like text. Only reads.
+    builtin:stdlib: unless this Python has standard-library sources to read (builtin:pydoc always does)."""
+    if path == BUILTIN_STDLIB:
+        check_stdlib()
+        return
+    if path == BUILTIN_PYDOC:
+        return
     p = Path(path)
     if not p.is_file():
         raise SourceError(f"input file {str(p)!r} does not exist")
@@ -267,6 +277,69 @@ def iter_pydoc() -> Iterator[str]:
         yield topics[key]
 
 
+STDLIB_MAX_CHARS = 3_000_000  # builtin:stdlib's cap: ~3 MB keeps its preprocessing to seconds
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
+                     "pydoc_data"}  # installed packages, test suites, and builtin:pydoc's own text
+
+
+def stdlib_dir() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Optional[Path] = None, max_chars: int = STDLIB_MAX_CHARS) -> list[Path]:
+    """The .py files builtin:stdlib reads: every .py under ROOT (default: this Python's stdlib directory) by
+    sorted relative path, without site-packages, test suites (test/, tests/, idle_test/, test_*.py) and
+    pydoc_data; when their total size is above max_chars bytes, every k-th of them (k = ceil(total /
+    max_chars)), so the selection spans the whole library. Depends only on the files, not on listing order."""
+    root = stdlib_dir() if root is None else root
+    if not root.is_dir():
+        return []
+    files = []
+    for f in root.rglob("*.py"):
+        rel = f.relative_to(root)
+        if (_STDLIB_SKIP_DIRS.intersection(rel.parts[:-1]) or rel.parts[0].startswith("config-")
+                or rel.name.startswith("test_") or not f.is_file()):
+            continue
+        files.append((rel.as_posix(), f))
+    files.sort()
+    total = sum(f.stat().st_size for _, f in files)
+    stride = max(1, -(-total // max(max_chars, 1)))
+    return [f for _, f in files[::stride]]
+
+
+def check_stdlib(root: Optional[Path] = None) -> None:
+    """Raise SourceError unless builtin:stdlib has something to read (a Python installed without its .py
+    sources, e.g. a zipped or frozen standard library, has not)."""
+    root = stdlib_dir() if root is None else root
+    if not stdlib_files(root):
+        raise SourceError(f"builtin:stdlib: expected the standard library's .py sources under {str(root)!r} "
+                          f"(sysconfig's 'stdlib' path), found none; this Python ships its standard library "
+                          f"without sources: use a text/jsonl file instead")
+
+
+def stdlib_identity() -> dict:
+    """What builtin:stdlib's documents depend on (for the preprocessing cache key)."""
+    return {"stdlib": sys.version, "dir": str(stdlib_dir()), "max_chars": STDLIB_MAX_CHARS, "v": 1}
+
+
+def iter_stdlib(root: Optional[Path] = None, max_chars: int = STDLIB_MAX_CHARS) -> Iterator[str]:
+    """The source code of CPython's pure-Python standard library, one document per .py file, in sorted path
+    order (see stdlib_files for which: no site-packages, no test suites), capped at about max_chars = 3 MB in
+    all so preprocessing stays fast; files that are not UTF-8 are left out. Python 3.11: ~730 such files,
+    ~11 MB, of which every 4th is read (~180 documents, ~3.3 MB)."""
+    root = stdlib_dir() if root is None else root
+    check_stdlib(root)
+    for f in stdlib_files(root, max_chars):
+        try:
+            text = f.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.strip() and "\x00" not in text:
+            yield text
+
+
 def iter_text(path: Path, mode: TextMode = "blank", report: Optional[SourceReport] = None) -> Iterator[str]:
     with _TextLines(path, report) as f:
         if mode == "line":
@@ -308,13 +381,17 @@ def iter_jsonl(path: Path, key: str = "text", report: Optional[SourceReport] = N
 
 def iter_documents(path: str, text_mode: TextMode = "blank", json_key: str = "text",
                    report: Optional[SourceReport] = None) -> Iterator[str]:
-    """Documents of one input: builtin:pydoc, *.jsonl[.gz|.zst] (by key), or text (by blank line or line).
+    """Documents of one input: builtin:pydoc, builtin:stdlib, *.jsonl[.gz|.zst] (by key), or text (by blank line
+    or line).
 
     Binary files are refused (SourceError), and so are truncated or corrupt compressed ones, also when the
     damage is far into the file; `report`, if given, receives the bytes read and invalid UTF-8 bytes replaced.
     """
     if path == BUILTIN_PYDOC:
         yield from iter_pydoc()
+        return
+    if path == BUILTIN_STDLIB:
+        yield from iter_stdlib()
         return
     p = Path(path)
     if not p.is_file():

@@ -7,6 +7,7 @@ stored with every preprocessed dataset so a mismatch is caught before training s
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -88,13 +89,21 @@ class SentencePieceTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizers` JSON file (tokenizer.json); EOD found among its special tokens."""
+    """A Hugging Face `tokenizers` JSON file (tokenizer.json), or a model directory holding one. EOD is the
+    directory's eos_token (tokenizer_config.json) when it names one, else found among the special tokens."""
 
     def __init__(self, path: str, spec: str) -> None:
         try:
             from tokenizers import Tokenizer as _HFTok
         except ImportError as e:  # pragma: no cover
             raise TokenizerError(f"tokenizer {spec!r}: the tokenizers package is not installed ({e})") from None
+        if path and Path(path).expanduser().is_dir():
+            d = Path(path).expanduser()
+            if not (d / "tokenizer.json").is_file():
+                found = ", ".join(sorted(p.name for p in d.iterdir())[:8]) or "nothing"
+                raise TokenizerError(f"tokenizer {spec!r}: expected a tokenizer.json in the directory {str(d)!r}, "
+                                     f"found {found}")
+            path = str(d / "tokenizer.json")
         self.path = _existing_file(path, spec)
         try:
             self._tok = _HFTok.from_file(str(self.path))
@@ -104,7 +113,7 @@ class HFTokenizer:
         self.spec = spec
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         eod = None
-        for piece in _EOD_PIECES + ("<|im_end|>", "<|eot_id|>"):
+        for piece in _configured_eos(self.path.parent) + _EOD_PIECES + ("<|im_end|>", "<|eot_id|>"):
             eod = self._tok.token_to_id(piece)
             if eod is not None:
                 break
@@ -119,6 +128,17 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+
+def _configured_eos(d: Path) -> tuple[str, ...]:
+    """The eos_token of a Hugging Face tokenizer_config.json next to the tokenizer, if there is one."""
+    try:
+        eos = json.loads((d / "tokenizer_config.json").read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return (eos,) if isinstance(eos, str) and eos else ()
 
 
 def _existing_file(path: str, spec: str) -> Path:
@@ -150,3 +170,9 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
         h.update(Path(path).read_bytes())
     h.update(f"{tok.vocab_size}:{tok.eod_id}".encode())
     return h.hexdigest()[:16]
+
+
+def tokenizer_record(tok: Tokenizer) -> dict:
+    """What a checkpoint records of the tokenizer it was trained with (compared when it is loaded)."""
+    return {"spec": tok.spec, "fingerprint": tokenizer_fingerprint(tok), "vocab_size": int(tok.vocab_size),
+            "eod_id": int(tok.eod_id)}

@@ -6,7 +6,9 @@ The model calls only these functions, so `model.fused_ops: true` swaps in the Tr
 
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,7 +31,7 @@ def kernels_for(x: torch.Tensor, feature: str = "model.fused_ops"):
     Triton runs on CUDA tensors, and on CPU tensors only when the user asked for the interpreter
     (TRITON_INTERPRET=1 set before start): an interpreted training step is minutes, not milliseconds.
     Imported lazily: importing `kernels` sets TRITON_INTERPRET=1 on CPU-only machines."""
-    import kernels
+    from engine import kernels
 
     if not kernels.TRITON_AVAILABLE:
         warn_once(f"{feature}: the triton package is not importable here; using the torch path")
@@ -58,10 +60,40 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def rope_cache(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Llama3Scaling:
+    """Llama 3.1's RoPE frequency scaling (HF rope_type "llama3"): frequencies whose wavelength exceeds
+    original_len / low_freq_factor are divided by `factor`, those below original_len / high_freq_factor
+    are kept, and the band between blends the two linearly in original_len / wavelength."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_len: int
+
+    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen = self.original_len / self.low_freq_factor
+        high_wavelen = self.original_len / self.high_freq_factor
+        smooth = (self.original_len / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        out = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        return torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), blended, out)
+
+
+def rope_scaling_of(cfg) -> Optional[Llama3Scaling]:  # cfg: ModelConfig (not imported: ops stays a leaf)
+    if getattr(cfg, "rope_scaling", "none") != "llama3":
+        return None
+    return Llama3Scaling(cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                         cfg.rope_original_max_seq_len)
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None,
+               scaling: Optional[Llama3Scaling] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [max_seq_len, head_dim] in fp32 (rotate-half layout, as Llama/HF)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
     t = torch.arange(max_seq_len, dtype=torch.float64, device=device)
     freqs = torch.outer(t, inv_freq)  # [S, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]

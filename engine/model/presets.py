@@ -18,6 +18,10 @@ _GPT2 = dict(vocab_size=50257, norm="layernorm", norm_eps=1e-5, activation="gelu
 # Llama family: RMSNorm, RoPE, SwiGLU, no biases, untied head.
 _LLAMA = dict(norm="rmsnorm", activation="swiglu", position="rope", tie_embeddings=False, bias=False)
 
+# Llama 3.1/3.2's RoPE frequency scaling (the factor differs: 8 for 3.1, 32 for 3.2).
+_LLAMA3_SCALING = dict(rope_scaling="llama3", rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                       rope_original_max_seq_len=8192)
+
 PRESETS: dict[str, dict] = {
     "gpt2": {**_GPT2, "d_model": 768, "n_layers": 12, "n_heads": 12},
     "gpt2-medium": {**_GPT2, "d_model": 1024, "n_layers": 24, "n_heads": 16},
@@ -29,9 +33,12 @@ PRESETS: dict[str, dict] = {
                   "ffn_hidden": 11008, "max_seq_len": 4096, "norm_eps": 1e-5, "rope_theta": 10000.0},
     "llama3-8b": {**_LLAMA, "vocab_size": 128256, "d_model": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
                   "ffn_hidden": 14336, "max_seq_len": 8192, "norm_eps": 1e-5, "rope_theta": 500000.0},
+    "llama3.1-8b": {**_LLAMA, "vocab_size": 128256, "d_model": 4096, "n_layers": 32, "n_heads": 32,
+                    "n_kv_heads": 8, "ffn_hidden": 14336, "max_seq_len": 131072, "norm_eps": 1e-5,
+                    "rope_theta": 500000.0, **_LLAMA3_SCALING, "rope_scaling_factor": 8.0},
     "llama3.2-1b": {**_LLAMA, "vocab_size": 128256, "d_model": 2048, "n_layers": 16, "n_heads": 32,
                     "n_kv_heads": 8, "ffn_hidden": 8192, "max_seq_len": 8192, "norm_eps": 1e-5,
-                    "rope_theta": 500000.0, "tie_embeddings": True},
+                    "rope_theta": 500000.0, "tie_embeddings": True, **_LLAMA3_SCALING, "rope_scaling_factor": 32.0},
     # Qwen2: Llama shape plus a bias on q/k/v only.
     "qwen2": {**_LLAMA, "qkv_bias": True, "norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936},
     "qwen2-0.5b": {**_LLAMA, "qkv_bias": True, "norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936,

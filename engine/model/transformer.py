@@ -245,7 +245,7 @@ class Transformer(nn.Module):
                 self.head = ColumnParallelLinear(d, self.padded_vocab, self.pstate, bias=False, device=device,
                                                  real_size=cfg.vocab_size)
         if cfg.position == "rope":
-            cos, sin = ops.rope_cache(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = ops.rope_cache(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, scaling=ops.rope_scaling_of(cfg))
             buf_device = device if device.type != "meta" else None  # tables are small: real even on meta builds
             self.register_buffer("rope_cos", cos.to(buf_device), persistent=False)
             self.register_buffer("rope_sin", sin.to(buf_device), persistent=False)
@@ -273,7 +273,8 @@ class Transformer(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute the non-persistent buffers (RoPE tables) after `to_empty` materialised the module."""
         if self.cfg.position == "rope":
-            cos, sin = ops.rope_cache(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta)
+            cos, sin = ops.rope_cache(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta,
+                                      scaling=ops.rope_scaling_of(self.cfg))
             self.rope_cos = cos.to(self.rope_cos.device)
             self.rope_sin = sin.to(self.rope_sin.device)
 

@@ -79,14 +79,19 @@ def _bias_init(in_features: int, gen: Optional[torch.Generator], default: bool) 
     return init
 
 
+LinearFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]  # F.linear's contract
+
+
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            pstate: ParallelState, sequence_parallel: bool = False,
-                           gather_output: bool = False, input_in_tp_region: bool = False) -> torch.Tensor:
+                           gather_output: bool = False, input_in_tp_region: bool = False,
+                           linear_fn: Optional[LinearFn] = None) -> torch.Tensor:
     """x [B, S, in] (or [B, S/tp, in] with sequence_parallel), weight [out/tp, in] -> [B, S, out/tp]
-    (or [B, S, out] with gather_output). Also the tied output head (weight = the embedding shard)."""
+    (or [B, S, out] with gather_output). Also the tied output head (weight = the embedding shard).
+    `linear_fn` replaces F.linear for the local matmul (the FP8 linear); the collectives stay."""
     if not input_in_tp_region:
         x = to_tp_region(x, pstate, sequence_parallel)
-    y = F.linear(x, weight, bias)
+    y = (linear_fn or F.linear)(x, weight, bias)
     return gather_from_tp_region(y, pstate) if gather_output else y
 
 
@@ -103,6 +108,8 @@ class ColumnParallelLinear(nn.Module):
 
     `real_size` < out_features: the last out_features - real_size outputs are padding (the output head over
     a padded vocabulary); the canonical weight has real_size rows.
+
+    `linear_fn` (None = F.linear) is the local matmul; the FP8 swap (engine/precision/fp8_swap.py) sets it.
     """
 
     def __init__(self, in_features: int, out_features: int, pstate: ParallelState, bias: bool = True,
@@ -144,12 +151,13 @@ class ColumnParallelLinear(nn.Module):
             self.param_specs["bias"] = b_spec  # [out/tp]
         else:
             self.register_parameter("bias", None)
+        self.linear_fn: Optional[LinearFn] = None
 
     def forward(self, x: torch.Tensor, input_in_tp_region: bool = False) -> torch.Tensor:
         """x [B, S, in] ([B, S/tp, in] with sequence parallel), or the output of `to_tp_region` when
         `input_in_tp_region`."""
         return column_parallel_linear(x, self.weight, self.bias, self.pstate, self.sequence_parallel,
-                                      self.gather_output, input_in_tp_region)
+                                      self.gather_output, input_in_tp_region, self.linear_fn)
 
     def extra_repr(self) -> str:
         rep = f" x{self.replicas} replicas" if self.replicas > 1 else ""
@@ -163,6 +171,7 @@ class RowParallelLinear(nn.Module):
     Input [B, S, in/tp] (already split, e.g. attention heads or MLP hidden); output [B, S, out], or
     [B, S/tp, out] with sequence parallel (reduce-scatter instead of all-reduce). The bias is replicated
     and added after the reduction; with sequence parallel its gradient is per-shard (its spec says so).
+    `linear_fn` (None = F.linear) is the local matmul, as in ColumnParallelLinear.
     """
 
     def __init__(self, in_features: int, out_features: int, pstate: ParallelState, bias: bool = True,
@@ -191,11 +200,12 @@ class RowParallelLinear(nn.Module):
             self.param_specs["bias"] = b_spec  # [out], replicated
         else:
             self.register_parameter("bias", None)
+        self.linear_fn: Optional[LinearFn] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.pstate)
-        y = F.linear(x, self.weight)  # partial sums [B, S, out]
+        y = (self.linear_fn or F.linear)(x, self.weight, None)  # partial sums [B, S, out]
         if self.pstate.tp > 1:
             y = (reduce_scatter_to_sequence_parallel_region(y, self.pstate) if self.sequence_parallel
                  else reduce_from_tp_region(y, self.pstate))

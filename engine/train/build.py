@@ -3,13 +3,14 @@
     config -> this rank's model chunks on the meta device (nothing allocated)
            -> materialised shard by shard on the device by the one initialiser (engine/model/init.py)
            -> tied embedding copies made equal across pipeline stages
-           -> [FP8 layer swaps and activation-recompute wrappers go here, in this order]
+           -> FP8 layer swaps (precision.fp8; engine/precision/fp8_swap.py)
+           -> [activation-recompute wrappers go here]
            -> torch.compile (pp = 1)
            -> data-parallel wrapper (DataParallel for zero 0/1 and one process, FSDP2 for zero 3)
            -> the optimizer over the segments the wrapper says this rank updates
 
 Everything a later step needs is in the returned `Built`: the chunks, their sharding specs by name, the
-data-parallel wrapper, the optimizer and this rank's end of a cross-stage embedding tie.
+data-parallel wrapper, the optimizer, this rank's end of a cross-stage embedding tie and the FP8 state.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from engine.parallel.pipeline.partition import is_first_stage, is_last_stage, la
 from engine.parallel.pipeline.tied import sync_tied_embedding
 from engine.parallel.sharding import ShardSpec
 from engine.parallel.state import ParallelState
+from engine.precision.fp8_swap import Fp8Manager, apply_fp8
 
 __all__ = ["Built", "build", "build_chunks", "chunk_specs", "tied_embedding", "wrap_data_parallel"]
 
@@ -42,6 +44,7 @@ class Built:
     optimizer: Optimizer
     forward: nn.Module  # what runs the forward at pp = 1 (chunks[0], or its compiled version)
     tied: Optional[nn.Parameter]  # this rank's end of an embedding tied across stages
+    fp8: Optional[Fp8Manager] = None  # the FP8 layers and their scaling state (precision.fp8), else None
 
 
 def build_chunks(cfg: ModelConfig, pstate: ParallelState, seed: int = 1234, layout: Optional[Sequence[int]] = None,
@@ -109,7 +112,11 @@ def build(cfg: Config, pstate: ParallelState) -> Built:
     chunks = build_chunks(cfg.model, pstate, seed=t.seed, layout=p.pp_layout, device=pstate.device)
     specs = chunk_specs(chunks)  # before FSDP2 replaces the parameters by DTensors
     tied = tied_embedding(chunks)
-    # FP8 layer swaps and activation-recompute wrappers are applied here when those features land.
+    f = cfg.precision.fp8
+    fp8 = None if f is None else apply_fp8(
+        chunks, pstate, recipe=f.recipe, backend=f.backend, keep_high_precision=f.keep_high_precision,
+        n_layers=cfg.model.n_layers, amax_history_len=f.amax_history_len, margin=f.margin)
+    # Activation-recompute wrappers are applied here when that feature lands.
     forward = torch.compile(chunks[0]) if t.compile else chunks[0]  # config rejects compile with pp > 1
     ddp, optimizer = wrap_data_parallel(chunks, specs, cfg, pstate)
-    return Built(chunks, specs, ddp, optimizer, forward, tied)
+    return Built(chunks, specs, ddp, optimizer, forward, tied, fp8)

@@ -6,6 +6,9 @@ What is saved (engine/checkpoint/ writes it; see docs/checkpointing.md):
   (only where the fp32 master is a separate copy), `optim/step/<name>` (a 0-d count);
 - per-rank keys (DCP merges equal keys of different ranks silently): `rng/rank00005/torch`, `.../cuda<i>`,
   `.../tracker/<stream>`, `.../state` (numpy and python generator states as JSON bytes);
+- FP8 scaling state by canonical module name (precision.fp8 with the delayed recipe):
+  `fp8/<module>/<input|grad_output>/<amax_history|scale|steps>`. Every rank holding a layer holds the same
+  values (amaxes are reduced over tp and dp), so one key per layer is right at any layout;
 - tessera.json (rank 0): iteration, consumed samples in total and per dataset, LR schedule position,
   loss scaler, fault monitor, the layout it was saved with, the resolved config, the engine version and
   the lineage (the checkpoints this run started from).
@@ -21,7 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -30,9 +33,14 @@ from engine import __version__
 from engine.checkpoint.dcp_io import Pieces, check_files, read_metadata, read_pieces, tensor_infos
 from engine.checkpoint.files import StepDir, resolve_checkpoint
 from engine.checkpoint.meta import FORMAT, read_meta
-from engine.errors import CheckpointError
+from engine.convert.hf_files import tokenizer_files
+from engine.data.tokenizers import tokenizer_record
+from engine.errors import CheckpointError, TokenizerProblem
+from engine.parallel.sharding import box_view
+from engine.train.vocab_extension import VOCAB_TENSORS, extend_rows
 
-__all__ = ["FORMAT", "ARCH_FIELDS", "checkpoint_meta", "load_checkpoint", "read_meta", "trainer_checkpoint_state"]
+__all__ = ["FORMAT", "ARCH_FIELDS", "check_tokenizer", "checkpoint_files", "checkpoint_meta", "load_checkpoint",
+           "load_hf_weights", "read_meta", "trainer_checkpoint_state"]
 
 # model fields that change what the tensors mean: a checkpoint must agree on them (shapes are checked too)
 ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "norm",
@@ -92,13 +100,45 @@ def trainer_checkpoint_state(trainer) -> tuple[Pieces, dict[str, torch.Tensor]]:
         pieces.add(f"{_KEYS[sp.key]}/{sp.name}", spec_shape, sp.box, sp.value)
     tensors = {f"optim/step/{n}": torch.tensor(s, dtype=torch.float64) for n, s in opt.steps().items()}
     tensors.update(_rng_tensors(trainer))
+    tensors.update(_fp8_tensors(trainer))
     return pieces, tensors
 
 
-def checkpoint_meta(trainer, lineage: list[dict]) -> dict:
-    """tessera.json of a save of the Trainer now (rank 0)."""
+_FP8 = "fp8/"
+
+
+def _fp8_tensors(trainer) -> dict[str, torch.Tensor]:
+    fp8 = trainer.built.fp8
+    return {} if fp8 is None else {_FP8 + k: v.cpu() for k, v in fp8.state_dict().items()}
+
+
+def _fp8_to_read(trainer, step: StepDir, infos: dict) -> dict[str, torch.Tensor]:
+    """Buffers for this rank's FP8 state in the checkpoint ({} when FP8 is off or keeps no state here). A
+    checkpoint saved without it (FP8 was off, or another recipe) starts the scales fresh, as a new run would."""
+    fp8 = trainer.built.fp8
+    if fp8 is None:
+        return {}
+    want = {_FP8 + k: v for k, v in fp8.state_shapes().items()}
+    if not want or not any(k in infos for k in want):
+        return {}
+    missing = sorted(k for k in want if k not in infos)
+    wrong = [f"{k} {infos[k].shape} (expected {s})" for k, (s, _) in sorted(want.items())
+             if k in infos and tuple(infos[k].shape) != s]
+    if missing or wrong:
+        found = (["missing " + ", ".join(missing[:3])] if missing else []) + wrong[:3]
+        raise CheckpointError(f"checkpoint {str(step.path)!r}: its FP8 state does not match this run's "
+                              f"precision.fp8 ({'; '.join(found)})")
+    return {k: torch.zeros(s, dtype=dt) for k, (s, dt) in want.items()}
+
+
+def checkpoint_meta(trainer, lineage: list[dict], hf: Optional[dict] = None,
+                    val_start: Optional[dict] = None) -> dict:
+    """tessera.json of a save of the Trainer now (rank 0). `hf`: the Hugging Face source the weights came
+    from (engine/convert/from_hf.py: hf_record), carried so that an export writes its config back;
+    `val_start`: the run's validation losses before its first update (the baseline of val_delta)."""
     cfg = trainer.cfg
     return {
+        "tokenizer": tokenizer_record(trainer.tokenizer), "hf": hf, "val_start": val_start,
         "format": FORMAT, "engine": __version__,
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "iteration": trainer.iteration, "consumed_samples": trainer.consumed_samples,
@@ -114,13 +154,17 @@ def checkpoint_meta(trainer, lineage: list[dict]) -> dict:
     }
 
 
-def _check_model(step: StepDir, meta: dict, model_cfg) -> None:
+def _check_model(step: StepDir, meta: dict, model_cfg, old_vocab: Optional[int] = None) -> None:
     saved = meta.get("config", {}).get("model", {})
     here = {k: getattr(model_cfg, k) for k in ARCH_FIELDS}
+    if old_vocab is not None:  # a grown vocabulary: the checkpoint has the old one
+        here["vocab_size"] = old_vocab
     diff = [f"{k}: checkpoint {saved.get(k)!r}, here {v!r}" for k, v in here.items()
             if k in saved and saved[k] != v and not (k == "qkv_bias" and saved[k] is None)]
     if diff:
-        raise CheckpointError(f"checkpoint {str(step.path)!r} holds another model ({'; '.join(diff[:6])})")
+        hint = ("; a grown tokenizer needs checkpoint.new_token_init" if any(d.startswith("vocab_size") for d in diff)
+                and saved.get("vocab_size", 0) < model_cfg.vocab_size else "")
+        raise CheckpointError(f"checkpoint {str(step.path)!r} holds another model ({'; '.join(diff[:6])}){hint}")
 
 
 def _check_tensors(step: StepDir, infos: dict, want: dict[str, tuple[int, ...]], what: str) -> None:
@@ -142,20 +186,36 @@ def _unexpected(infos: dict, want: dict) -> list[str]:
 
 
 @torch.no_grad()
-def load_checkpoint(trainer, path: str | Path, weights_only: bool = False, what: str = "checkpoint.load") -> dict:
-    """Load a checkpoint into `trainer` (collective: every rank). `weights_only`: the model only (fresh
-    optimizer, schedule and data position: `init_from`). Returns the checkpoint's tessera.json.
-    Validates before it changes anything."""
+def load_checkpoint(trainer, path: str | Path, weights_only: bool = False, what: str = "checkpoint.load",
+                    optimizer: Optional[bool] = None, old_vocab: Optional[int] = None) -> dict:
+    """Load a checkpoint into `trainer` (collective: every rank). `weights_only`: the model only, nothing of
+    the run's progress (`init_from`); `optimizer` (default: not weights_only) also reads the optimizer state
+    (`init_from` with reset_optimizer=false). `old_vocab`: the checkpoint's vocabulary when this model's was
+    grown (weights only; engine/train/vocab_extension.py). Returns the checkpoint's tessera.json. Validates
+    before it changes anything."""
     step = resolve_checkpoint(path, what)
     meta = read_meta(step, what)
-    _check_model(step, meta, trainer.cfg.model)
+    _check_model(step, meta, trainer.cfg.model, old_vocab)
+    if old_vocab is None:  # a grown tokenizer was checked against the old one when the run was planned
+        check_tokenizer(meta.get("tokenizer"), trainer.tokenizer, f"{what} {str(step.path)!r}")
+    optimizer = (not weights_only) if optimizer is None else optimizer
+    if meta.get("has_optimizer") is False:  # converted weights (convert from-hf): a fresh start from them
+        if optimizer and weights_only:
+            raise CheckpointError(f"{what} {str(step.path)!r} holds weights only (written by `convert from-hf`): "
+                                  f"no optimizer state to take; expected checkpoint.reset_optimizer=true")
+        weights_only, optimizer = True, False
     md = read_metadata(step.path)
     infos = tensor_infos(md)
-    shapes = trainer.canonical_shapes
+    shapes = dict(trainer.canonical_shapes)
+    grown = {n: s for n, s in shapes.items() if n in VOCAB_TENSORS} if old_vocab is not None else {}
+    if grown and optimizer:
+        raise CheckpointError(f"{what} {str(step.path)!r}: a grown vocabulary starts with fresh optimizer state; "
+                              f"expected checkpoint.reset_optimizer=true")
+    shapes.update({n: (old_vocab,) + tuple(s[1:]) for n, s in grown.items()})  # as saved
     want = {f"model/{n}": s for n, s in shapes.items()}
-    if not weights_only:
+    if optimizer:
         want.update({f"optim/{k}/{n}": s for n, s in shapes.items() for k in ("exp_avg", "exp_avg_sq")})
-    _check_tensors(step, infos, want, "model" if weights_only else "model/optimizer")
+    _check_tensors(step, infos, want, "model/optimizer" if optimizer else "model")
     extra = _unexpected(infos, want)
     if extra:
         raise CheckpointError(f"checkpoint {str(step.path)!r} does not match this model: unexpected tensor(s) "
@@ -164,11 +224,14 @@ def load_checkpoint(trainer, path: str | Path, weights_only: bool = False, what:
 
     opt = trainer.optimizer
     opt.init_state()
-    keys = ("param",) if weights_only else ("param", "exp_avg", "exp_avg_sq", "master")
+    keys = ("param", "exp_avg", "exp_avg_sq", "master") if optimizer else ("param",)
     pieces = Pieces()
     masters = False
-    for sp in opt.state_views(keys=keys, holders_only=False):
+    views = opt.state_views(keys=keys, holders_only=False)
+    for sp in views:
         fqn = f"{_KEYS[sp.key]}/{sp.name}"
+        if sp.name in grown:  # read whole below, then grown
+            continue
         if sp.key == "master":
             if fqn not in infos:  # saved where params were fp32: the parameter is the master
                 continue
@@ -176,7 +239,7 @@ def load_checkpoint(trainer, path: str | Path, weights_only: bool = False, what:
         pieces.add(fqn, shapes[sp.name], sp.box, sp.value)
     tensors: dict[str, torch.Tensor] = {}
     steps_t: dict[str, torch.Tensor] = {}
-    if not weights_only:
+    if optimizer:
         for n in opt.steps(holders_only=False):
             key = f"optim/step/{n}"
             if key in infos:
@@ -188,10 +251,77 @@ def load_checkpoint(trainer, path: str | Path, weights_only: bool = False, what:
         for n, info in infos.items():
             if n.startswith(prefix):
                 rng[n] = tensors[n] = torch.zeros(info.shape, dtype=info.dtype)
+    fp8 = {} if weights_only else _fp8_to_read(trainer, step, infos)
+    tensors.update(fp8)
+    old_rows = {}
+    for n in grown:  # every rank reads the whole old tensor: the new rows are drawn from all of it
+        old_rows[n] = torch.empty(shapes[n], dtype=infos[f"model/{n}"].dtype)
+        pieces.add(f"model/{n}", shapes[n], ((0,) * len(shapes[n]), shapes[n]), old_rows[n])
     read_pieces(step.path, pieces, tensors)  # tied copies read their canonical tensor (state_views)
+    _fill_grown(trainer, views, old_rows, grown)
     opt.finish_load({n: float(t) for n, t in steps_t.items()}, params_loaded=True, masters_loaded=masters)
     if weights_only:
         return meta
+    if fp8:
+        trainer.built.fp8.load_state_dict({k[len(_FP8):]: v for k, v in fp8.items()})
     trainer.restore_progress(meta["iteration"], meta["consumed_samples"], meta.get("scaler"), meta["faults"],
                              _rng_state(trainer.pstate.rank, rng) if rng else None)
     return meta
+
+
+def check_tokenizer(recorded: Optional[dict], tokenizer, where: str) -> None:
+    """The weights were trained with `recorded` (a tokenizer_record): a run tokenizing its data differently
+    would train garbage, so a different tokenizer is an error (none recorded: nothing to check)."""
+    if not recorded:
+        return
+    here = tokenizer_record(tokenizer)
+    if recorded.get("fingerprint") == here["fingerprint"]:
+        return
+    raise TokenizerProblem(
+        f"{where}: its tokenizer ({recorded.get('spec')!r}, vocabulary {recorded.get('vocab_size')}, fingerprint "
+        f"{recorded.get('fingerprint')}) is not this run's data.tokenizer ({here['spec']!r}, vocabulary "
+        f"{here['vocab_size']}, fingerprint {here['fingerprint']}); train with the tokenizer the weights were trained "
+        f"with (a checkpoint from `convert from-hf` carries it in its tokenizer/ folder)"
+        + ("; for a tokenizer grown by `tessera tokenizer extend`, set checkpoint.new_token_init"
+           if here["vocab_size"] > int(recorded.get("vocab_size") or 0) else ""))
+
+
+def checkpoint_files(tokenizer) -> dict[str, Path]:
+    """Files every checkpoint carries besides its tensors: the tokenizer's, under tokenizer/."""
+    path = getattr(tokenizer, "path", None)
+    if path is None:
+        return {}
+    if tokenizer.spec.startswith("hf:"):
+        return {f"tokenizer/{p.name}": p for p in tokenizer_files(Path(path))}
+    return {f"tokenizer/{Path(path).name}": Path(path)}
+
+
+def _fill_grown(trainer, views, old_rows: dict[str, torch.Tensor], grown: dict[str, tuple]) -> None:
+    """Copy each rank's box of the grown vocabulary tensors (old rows + new ones, the same on every rank)."""
+    ck, seed = trainer.cfg.checkpoint, trainer.cfg.train.seed
+    for i, (n, shape) in enumerate(sorted(grown.items())):
+        full = extend_rows(old_rows[n], shape[0], ck.new_token_init, seed + i)
+        for sp in views:
+            if sp.name == n:
+                sp.value.copy_(box_view(full, sp.box))
+
+
+@torch.no_grad()
+def load_hf_weights(trainer, src, old_vocab: Optional[int] = None) -> None:
+    """Fill the Trainer's parameters (every rank its own cut, any layout) from a Hugging Face source
+    (engine/convert/from_hf.py: HFSource), one canonical tensor at a time; fresh optimizer state.
+    `old_vocab`: the source's vocabulary when this model's was grown."""
+    shapes = dict(trainer.canonical_shapes)
+    grown = {n: s for n, s in shapes.items() if n in VOCAB_TENSORS} if old_vocab is not None else {}
+    shapes.update({n: (old_vocab,) + tuple(s[1:]) for n, s in grown.items()})
+    wrong = [f"{n} {src.shapes.get(n)} (model {s})" for n, s in shapes.items() if src.shapes.get(n) != tuple(s)]
+    if wrong:
+        raise CheckpointError(f"checkpoint.init_from hf:{src.dir}: does not match this model: {'; '.join(wrong[:5])}")
+    opt = trainer.optimizer
+    opt.init_state()
+    views = opt.state_views(keys=("param",), holders_only=False)
+    for sp in views:
+        if sp.name not in grown:
+            sp.value.copy_(box_view(src.canonical(sp.name), sp.box))
+    _fill_grown(trainer, views, {n: src.canonical(n).clone() for n in grown}, grown)
+    opt.finish_load({}, params_loaded=True, masters_loaded=False)

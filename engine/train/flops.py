@@ -7,6 +7,9 @@ Training FLOPs per token = 6 * N_matmul + 12 * L * (H * hd) * S
             plus backward (twice that). Counted for full S x S like PaLM / Megatron / torchtitan, also for
             causal attention, so our MFU is comparable with theirs.
 MFU = achieved model FLOP/s / (peak dense FLOP/s of the device x number of devices).
+FP8 runs (precision.fp8) are measured against the FP8 peak (`peak_dtype`), about twice the bf16 one on
+Hopper, and labelled so: the attention core and the output head still run in bf16, so an FP8 run's MFU is a
+conservative figure, not comparable with a bf16 run's MFU (compare tokens/s instead).
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ def device_row(name: str) -> Optional[str]:
     return None
 
 
+def peak_dtype(dtype: str, fp8: bool) -> str:
+    """The PEAK_TFLOPS column an MFU is computed against: "fp8" for FP8 runs, else the compute dtype."""
+    return "fp8" if fp8 else dtype
+
+
 def peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
     """Peak dense TFLOP/s of one device for this dtype, or None (CPU, unknown GPU) -> MFU n/a."""
     if device.type != "cuda":
@@ -87,5 +95,5 @@ def peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
     return None if row is None else PEAK_TFLOPS[row].get(dtype)
 
 
-__all__ = ["PEAK_TFLOPS", "DEVICE_ROWS", "device_row", "training_flops_per_token", "peak_tflops",
+__all__ = ["PEAK_TFLOPS", "DEVICE_ROWS", "device_row", "training_flops_per_token", "peak_dtype", "peak_tflops",
            "count_parameters"]

@@ -22,14 +22,15 @@ import torch.distributed as dist
 from engine import __version__
 from engine.config import Config
 from engine.data.build import check_data_sources
-from engine.checkpoint.files import check_checkpoint_dir, latest_step, resolve_checkpoint
+from engine.checkpoint.files import check_checkpoint_dir
 from engine.checkpoint.manager import CheckpointSaver
 from engine.errors import NumericalFault, PeerFailure, RunStopped, TesseraError
 from engine.parallel.state import ParallelState
-from engine.train.flops import peak_tflops, training_flops_per_token
+from engine.train.flops import peak_dtype, peak_tflops, training_flops_per_token
 from engine.train.logger import MetricsLogger
 from engine.train.run_dir import RunLock, check_run_dir, prepare_run_dir
-from engine.train.checkpointing import checkpoint_meta, load_checkpoint, trainer_checkpoint_state
+from engine.train.checkpointing import checkpoint_files, checkpoint_meta, trainer_checkpoint_state
+from engine.train.start import Origin, StartPlan, plan_start, start_run
 from engine.train.stop import StopRequest
 from engine.train.trainer import Trainer, resolve_vocab
 from engine.train.watchdog import Watchdog
@@ -121,6 +122,9 @@ def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
     out_dir = Path(t.out_dir)
     # Everything is checked before anything is written: the config (already), the tokenizer, the run
     # directory, the data. Only then is the directory locked and, once the datasets are built, prepared.
+    # where the run starts (resume, init_from, scratch): an hf:DIR source sets the architecture first, and the
+    # weights' tokenizer is compared with the run's before the vocabulary is filled
+    plan = plan_start(cfg, (lambda s: print(s, flush=True)) if pstate.is_rank0 else (lambda s: None))
     tokenizer = resolve_vocab(cfg)  # config.yaml holds the resolved vocabulary
     _agree(pstate, lambda: check_run_dir(out_dir, t.allow_foreign_dir))
     if cfg.checkpoint.dir is not None:
@@ -131,7 +135,7 @@ def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
     watchdog = Watchdog(60.0 * cfg.parallel.timeout_minutes + 10.0, pstate.rank, pstate.world_size).start() \
         if pstate.is_distributed else None
     try:
-        return _run(cfg, pstate, tokenizer, out_dir, watchdog)
+        return _run(cfg, pstate, tokenizer, out_dir, watchdog, plan)
     except RuntimeError as e:
         if watchdog is None or not any(m in str(e) for m in _PEER_FAILURE):
             raise
@@ -146,59 +150,26 @@ def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
             lock[0].release()
 
 
-def _start_from(trainer: Trainer, cfg: Config, log: Callable[[str], None]) -> list[dict]:
-    """Resume from checkpoint.load, else start from checkpoint.init_from's weights, else from scratch.
-    Returns the lineage the run's checkpoints record."""
-    ck = cfg.checkpoint
-    path = None
-    if ck.load == "auto":
-        found = latest_step(Path(ck.dir))
-        path = found.path if found is not None else None
-        if path is None:
-            log(f"tessera: checkpoint.load=auto: no checkpoint in {ck.dir} yet, starting "
-                + ("from checkpoint.init_from" if ck.init_from else "from scratch"))
-    elif ck.load is not None:
-        path = resolve_checkpoint(ck.load, "checkpoint.load").path
-    if path is not None:
-        meta = load_checkpoint(trainer, path)
-        log(f"tessera: resumed from {path} at step {trainer.iteration} (saved at {_layout_text(meta['layout'])})")
-        if meta.get("train_samples") not in (None, trainer.total_samples):
-            log(f"tessera: note: the saved run was built for {meta['train_samples']:,} training samples, this one for "
-                f"{trainer.total_samples:,} (train.iters or the batch size changed): the sample order from here on may "
-                f"differ from the one the saved run would have seen")
-        return list(meta.get("lineage", [])) + [{"kind": "resume", "path": str(path), "iteration": trainer.iteration}]
-    if ck.init_from is not None:
-        src = resolve_checkpoint(ck.init_from, "checkpoint.init_from").path
-        meta = load_checkpoint(trainer, src, weights_only=True, what="checkpoint.init_from")
-        log(f"tessera: weights from {src} (step {meta['iteration']}); fresh optimizer, schedule and data position")
-        return list(meta.get("lineage", [])) + [{"kind": "init_from", "path": str(src), "iteration": meta["iteration"]}]
-    return []
-
-
-def _layout_text(layout: dict) -> str:
-    return f"tp {layout.get('tp')}, pp {layout.get('pp')}, vpp {layout.get('vpp')}, dp {layout.get('dp')}, " \
-           f"zero {layout.get('zero')}"
-
-
-def _run(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path, watchdog: Optional[Watchdog]) -> TrainResult:
+def _run(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path, watchdog: Optional[Watchdog],
+         plan: StartPlan) -> TrainResult:
     ck = cfg.checkpoint
     stop = StopRequest(ck.time_limit)
     if ck.dir is not None:  # from here on a signal means: stop after the next step, with a checkpoint
         stop.install()
     try:
-        return _start_and_loop(cfg, pstate, tokenizer, out_dir, watchdog, stop)
+        return _start_and_loop(cfg, pstate, tokenizer, out_dir, watchdog, stop, plan)
     finally:
         stop.uninstall()
 
 
 def _start_and_loop(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path, watchdog: Optional[Watchdog],
-                    stop: StopRequest) -> TrainResult:
+                    stop: StopRequest, plan: StartPlan) -> TrainResult:
     ck = cfg.checkpoint
-    trainer = Trainer(cfg, pstate, tokenizer, watchdog)  # builds the datasets (caches) too
+    trainer = Trainer(cfg, pstate, tokenizer, watchdog, start=plan.start)  # builds the datasets (caches) too
     log = (lambda s: print(s, flush=True)) if pstate.is_rank0 else (lambda s: None)
     # validated and read before anything is written; every rank reads its own cut
-    lineage = _start_from(trainer, cfg, log)
-    resumed = bool(lineage) and lineage[-1]["kind"] == "resume"
+    origin = start_run(trainer, plan, log)
+    resumed = origin.resumed
     saver = CheckpointSaver(Path(ck.dir), keep=ck.keep, keep_every=ck.keep_every, async_save=ck.async_save,
                             log=lambda s: print(s, file=sys.stderr, flush=True) if pstate.is_rank0 else None) \
         if ck.dir is not None else None
@@ -208,28 +179,30 @@ def _start_and_loop(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path
         # archive a previous run's files (not when resuming it: its metrics are appended to), write config.yaml
         prepare_run_dir(out_dir, cfg, __version__, resume=resumed)
     try:
-        return _loop(cfg, pstate, trainer, out_dir, saver, stop, lineage)
+        return _loop(cfg, pstate, trainer, out_dir, saver, stop, origin)
     finally:
         if saver is not None:
             saver.close()
 
 
 def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, saver: Optional[CheckpointSaver],
-          stop: StopRequest, lineage: list[dict]) -> TrainResult:
+          stop: StopRequest, origin: Origin) -> TrainResult:
     t = cfg.train
     device = pstate.device
     tokenizer = trainer.tokenizer
 
     def save(step: int):
         pieces, tensors = trainer_checkpoint_state(trainer)
-        meta = json.dumps(checkpoint_meta(trainer, lineage), indent=1).encode() if pstate.is_rank0 else b""
-        out = saver.save(step, pieces, tensors, lambda: meta)
+        meta = json.dumps(checkpoint_meta(trainer, origin.lineage, origin.hf, origin.val_start),
+                          indent=1).encode() if pstate.is_rank0 else b""
+        out = saver.save(step, pieces, tensors, lambda: meta, files=checkpoint_files(tokenizer))
         finished = saver.last.write_seconds if saver.last is not None else 0.0
         stop.last_save_seconds = max(out.blocked_seconds, finished)  # what the next save may cost
         return out
 
     flops_per_token = training_flops_per_token(cfg.model, cfg.seq_len)
-    peak = peak_tflops(device, cfg.precision.dtype)
+    peak_of = peak_dtype(cfg.precision.dtype, cfg.precision.fp8 is not None)  # FP8 runs: against the FP8 peak
+    peak = peak_tflops(device, peak_of)
     logger = MetricsLogger(out_dir, pstate.is_rank0, t.iters, tensorboard=t.tensorboard,
                            progress=t.progress and sys.stderr.isatty())
     result = TrainResult(out_dir=out_dir)
@@ -238,9 +211,33 @@ def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, s
         logger.console(f"tessera: {n_params:,} parameters ({cfg.model.vocab_size} vocab, padded to "
                        f"{trainer.model.padded_vocab} at run time), {pstate.describe()}, {trainer.n_micro} "
                        f"micro-batches/step, {cfg.precision.dtype}, {len(trainer.train_set):,} train samples")
+    if trainer.built.fp8 is not None:
+        for line in trainer.built.fp8.report_lines(pstate):  # collective over the pipeline group
+            logger.console(line)
     window_tokens, window_time, window_busy, window_steps = 0, 0.0, 0.0, 0
     stopped: Optional[str] = None
     last_saved = trainer.iteration if saver is not None and trainer.iteration > 0 else -1
+
+    def evaluate(step: int, baseline: bool = False) -> None:
+        vals = trainer.evaluate()
+        if not vals:
+            return
+        result.val_losses[step] = vals
+        if baseline:  # before the first update: val_delta is measured from here, also after a resume
+            origin.val_start = dict(vals)
+        delta = {k: v - origin.val_start[k] for k, v in vals.items() if k in (origin.val_start or {})}
+        logger.log({"step": step, "val_loss": sum(vals.values()) / len(vals),
+                    **{f"val_loss/{k}": v for k, v in vals.items()},
+                    **{f"val_delta/{k}": v for k, v in delta.items()}})
+        logger.console(f"step {step:>6}/{t.iters} | val loss " + ", ".join(
+            f"{k} {v:.4f}" + (f" ({delta[k]:+.4f})" if k in delta and step != start_step else "")
+            for k, v in vals.items()))
+
+    start_step = trainer.iteration
+    window_start = trainer.consumed_samples  # samples/<name>: each dataset's samples since the last log line
+    eval_first = t.eval_at_start if t.eval_at_start is not None else origin.from_prior_weights
+    if eval_first and not origin.resumed and trainer.valid_sets and t.eval_iters:
+        evaluate(start_step, baseline=True)  # before any update: what the prior weights know
     try:
         for _ in range(trainer.iteration, t.iters):
             try:
@@ -263,10 +260,13 @@ def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, s
                 tok_s = window_tokens / window_time
                 tflops = flops_per_token * tok_s / pstate.world_size / 1e12  # per device
                 scale = trainer.scaler.scale if trainer.scaler else None
+                mix = trainer.train_set.samples_in(window_start, trainer.consumed_samples)  # per dataset
+                window_start = trainer.consumed_samples
                 record = {"step": done, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
                           "loss_scale": scale, "tokens_per_s": tok_s, "tflops": tflops,
-                          "mfu": tflops / peak if peak else None, "mem_gb": _peak_memory_gb(device),
-                          "skipped_steps": result.skipped_steps}
+                          "mfu": tflops / peak if peak else None, "mfu_peak": peak_of,
+                          "mem_gb": _peak_memory_gb(device),
+                          "skipped_steps": result.skipped_steps, **{f"samples/{k}": v for k, v in mix.items()}}
                 note = ""
                 if pstate.is_distributed:  # one small collective per log interval: every rank's step time
                     fields, note = _straggler_note(trainer.rank_step_times(window_busy / window_steps),
@@ -274,18 +274,14 @@ def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, s
                     record.update(fields)
                 logger.log(record)
                 mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a (no peak figure for this device)"
+                mfu += f" of the {peak_of} peak" if peak and peak_of == "fp8" else ""
                 logger.console(f"step {done:>6}/{t.iters} | loss {out.loss:.4f} | lr {out.lr:.3e} | grad norm "
                                f"{out.grad_norm:.3f} | {tok_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/device | MFU {mfu} | "
-                               f"mem {record['mem_gb']:.2f} GB" + (f" | scale {scale:g}" if scale else "") + note)
+                               f"mem {record['mem_gb']:.2f} GB" + (f" | scale {scale:g}" if scale else "") + note
+                               + (" | samples " + ", ".join(f"{k} {v}" for k, v in mix.items()) if len(mix) > 1 else ""))
                 window_tokens, window_time, window_busy, window_steps = 0, 0.0, 0.0, 0
             if t.eval_interval and trainer.valid_sets and (done % t.eval_interval == 0 or done == t.iters):
-                vals = trainer.evaluate()
-                if vals:
-                    result.val_losses[done] = vals
-                    logger.log({"step": done, "val_loss": sum(vals.values()) / len(vals),
-                                **{f"val_loss/{k}": v for k, v in vals.items()}})
-                    logger.console(f"step {done:>6}/{t.iters} | val loss " +
-                                   ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+                evaluate(done)
             if saver is None:
                 continue
             stopped = stop.check(pstate, out.seconds)  # collective: every rank stops at the same step

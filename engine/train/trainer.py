@@ -10,7 +10,8 @@ The step dispatches on pipeline parallelism in exactly one place (`_forward_back
 Everything else is the same for every layout: data-parallel main grads, tp gradient sums driven by the
 sharding specs, the one optimizer. `state_dict()` holds the iteration, the consumed samples (in total and
 per dataset), the LR schedule position, the loss scaler, this rank's RNG streams (torch, CUDA, numpy,
-python, the tp tracker), the model (this rank's parameters by canonical name) and the optimizer;
+python, the tp tracker), the model (this rank's parameters by canonical name), the optimizer and the
+FP8 scaling state (amax histories and scales by canonical module name, precision.fp8);
 `load_state_dict` restores them so that training continues exactly as if it had not stopped.
 """
 
@@ -88,7 +89,9 @@ class Trainer:
     """One run's state and step. `cfg` must be validated; `pstate` describes this rank."""
 
     def __init__(self, cfg: Config, pstate: ParallelState, tokenizer: Optional[Tokenizer] = None,
-                 watchdog: Optional[Watchdog] = None) -> None:
+                 watchdog: Optional[Watchdog] = None, start: tuple[int, int] = (0, 0)) -> None:
+        """start: (iteration, consumed samples) the run starts at (engine/train/start.py): the datasets are
+        built for the samples it draws from there to train.iters."""
         self.cfg, self.pstate = cfg, pstate
         self.watchdog = watchdog
         t = cfg.train
@@ -101,15 +104,16 @@ class Trainer:
                                         cfg.precision.hysteresis, cfg.precision.min_loss_scale) \
             if cfg.precision.dtype == "fp16" else None
         self.n_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp)
-        self.iteration = 0
-        self.consumed_samples = 0
+        self.iteration, self.consumed_samples = int(start[0]), int(start[1])
         self._build_data()
         self._fused = cfg.model.fused_ops
 
     # ------------------------------------------------------------ data
     def _build_data(self) -> None:
         cfg, pstate, t = self.cfg, self.pstate, self.cfg.train
-        train_samples = t.iters * t.global_batch_size
+        # = iters * G for a run from scratch or its resume; a continued run with its data position kept
+        # (checkpoint.reset_data=false) draws on from where its source stopped
+        train_samples = self.consumed_samples + (t.iters - self.iteration) * t.global_batch_size
         eval_runs = (t.iters // t.eval_interval + 1) if t.eval_interval else 0
         valid_samples = t.eval_iters * t.global_batch_size if eval_runs else 0
         cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out_dir / "data_cache"
@@ -196,6 +200,8 @@ class Trainer:
         lr = lr_at(self.iteration, o, self.cfg.train.iters)
         b.optimizer.set_lr(lr)
         b.ddp.zero_grad()
+        if b.fp8 is not None:
+            b.fp8.begin_step()  # weights changed in the last step: cast them once for this step's micro-batches
         scale = self.scaler.scale if self.scaler else 1.0
         self._beat(step, "data loading")
         batches = self._next_batches()
@@ -204,6 +210,8 @@ class Trainer:
         busy = time.perf_counter() - t0  # this rank's own work; waiting for slower ranks comes after
         self._beat(step, "gradient reduction")
         complete_grads(b.chunks, b.specs, self.pstate, b.ddp, b.tied)  # tied copies, dp mean, tp sums
+        if b.fp8 is not None:
+            b.fp8.update(self.pstate)  # delayed scaling: this step's amaxes (max over tp, dp) -> next scales
         loss = _sync_mean(losses, self.pstate.dp_group, self.pstate.device)  # the global-batch loss, every rank
         verdict = self.faults.check_loss(loss)
         overflow = False
@@ -254,6 +262,8 @@ class Trainer:
         """Mean loss over the first `eval_iters` global batches of each validation set (the same batches
         every time; Megatron's convention: global batches, so the value does not depend on the dp size)."""
         self._idle("evaluation")  # its length is the user's (eval_iters): not watched
+        if self.built.fp8 is not None:
+            self.built.fp8.begin_step()  # the weights were updated since the last cast
         for c in self.chunks:
             c.eval()
         out = {}
@@ -320,6 +330,7 @@ class Trainer:
             "model": {n: q.detach().clone() for c in b.chunks for n, q in c.named_parameters()},
             "specs": dict(b.specs),
             "optimizer": b.optimizer.state_dict(),
+            "fp8": b.fp8.state_dict() if b.fp8 is not None else {},
         }
 
     @torch.no_grad()
@@ -338,6 +349,8 @@ class Trainer:
                 raise ValueError(f"trainer state: {n} has shape {tuple(sd['model'][n].shape)}, expected {tuple(q.shape)}")
             q.copy_(sd["model"][n])
         self.built.optimizer.load_state_dict(sd["optimizer"])
+        if self.built.fp8 is not None and sd.get("fp8"):
+            self.built.fp8.load_state_dict(sd["fp8"])
         self.restore_progress(sd["iteration"], sd["consumed_samples"], sd["scaler"], sd["faults"], sd["rng"])
 
     def restore_progress(self, iteration: int, consumed_samples: int, scaler: Optional[dict], faults: dict,

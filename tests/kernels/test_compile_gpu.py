@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for an H100 (sm_90a) and an A100 (sm_80) on this GPU-less machine.
 
 The CPU interpreter accepts code the real compiler rejects (and the reverse), so this catches a
-GPU-only compile error before a GPU session does. It runs `python -m kernels.aot` in a
+GPU-only compile error before a GPU session does. It runs `python -m engine.kernels.aot` in a
 subprocess because the interpreter flag is fixed when triton is first imported. Where the bundled
 ptxas accepts the PTX, the memory-bound kernels (tile sizes chosen from these register counts)
 must not spill registers.
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("engine.kernels")
 if not kernels.TRITON_AVAILABLE:
     pytest.skip("triton not installed", allow_module_level=True)
 pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_all_kernels_compile_for_gpu(tmp_path, arch):
     out = tmp_path / "aot.json"
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", str(arch), "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "engine.kernels.aot", "--arch", str(arch), "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
@@ -42,6 +42,6 @@ def test_all_kernels_compile_for_gpu(tmp_path, arch):
 
 def test_refuses_to_run_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot"], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "engine.kernels.aot"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "TRITON_INTERPRET=0" in proc.stderr

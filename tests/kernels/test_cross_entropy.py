@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("engine.kernels")
 if not kernels.TRITON_AVAILABLE:
     pytest.skip("triton not installed", allow_module_level=True)
 
-from kernels.cross_entropy import (  # noqa: E402
+from engine.kernels.cross_entropy import (  # noqa: E402
     combine_stats,
     cross_entropy,
     cross_entropy_ref,
@@ -162,7 +162,7 @@ def test_ops_cross_entropy_padded_fused_equals_torch():
 
 
 def test_block_v_and_empty_shard_stats():
-    from kernels.cross_entropy import _block_v
+    from engine.kernels.cross_entropy import _block_v
 
     for v in (0, 1, 7, 100, 5000):
         b = _block_v(v)
@@ -198,7 +198,7 @@ def test_shape_mismatch_error():
 
 
 def test_out_of_range_target_gives_nan_not_a_quiet_number():
-    from kernels.cross_entropy import cross_entropy
+    from engine.kernels.cross_entropy import cross_entropy
 
     x = torch.randn(4, 40).to(DEV).requires_grad_()
     y = torch.tensor([1, 39, 40, -100]).to(DEV)  # 40 is outside vocab_size=40

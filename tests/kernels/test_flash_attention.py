@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("engine.kernels")
 if not kernels.TRITON_AVAILABLE:
     pytest.skip("triton not installed", allow_module_level=True)
 
-from kernels.flash_attention import attention_ref, doc_ids_from_cu_seqlens, flash_attention  # noqa: E402
+from engine.kernels.flash_attention import attention_ref, doc_ids_from_cu_seqlens, flash_attention  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative L2 error bound vs the fp64 reference, from the format's unit roundoff u and the error

@@ -7,11 +7,11 @@ shapes (GQA 16/4 heads at N=1999, head dims 64/128/256, 8191x4096 norms,
 import pytest
 import torch
 
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("engine.kernels")
 if not kernels.TRITON_AVAILABLE:
     pytest.skip("triton not installed", allow_module_level=True)
 
-from kernels.checks import build_case, case_names, run_case  # noqa: E402
+from engine.kernels.checks import build_case, case_names, run_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -51,11 +51,11 @@ def test_references_compute_in_fp64_for_fp64_inputs():
     # then compute in fp64, not round through fp32. Compared with the formula written out here, in
     # fp64: the same math differs by a few fp64 roundings (~1e-16), an fp32 computation by ~1e-7.
     # Bound 1e-12 (absolute and relative) separates the two.
-    from kernels.cross_entropy import cross_entropy_ref
-    from kernels.flash_attention import attention_ref
-    from kernels.norms import layer_norm_ref, rms_norm_ref
-    from kernels.rope import apply_rope_ref
-    from kernels.swiglu import swiglu_ref
+    from engine.kernels.cross_entropy import cross_entropy_ref
+    from engine.kernels.flash_attention import attention_ref
+    from engine.kernels.norms import layer_norm_ref, rms_norm_ref
+    from engine.kernels.rope import apply_rope_ref
+    from engine.kernels.swiglu import swiglu_ref
 
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731

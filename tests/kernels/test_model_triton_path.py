@@ -9,7 +9,7 @@ tested in tests/test_kernel_fallback.py, which does not skip when triton is miss
 import pytest
 import torch
 
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("engine.kernels")
 if not kernels.TRITON_AVAILABLE:
     pytest.skip("triton not installed", allow_module_level=True)
 

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("engine.kernels")
 if not kernels.TRITON_AVAILABLE:
     pytest.skip("triton not installed", allow_module_level=True)
 
-from kernels.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
+from engine.kernels.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # Bounds on |a - r| <= tol * (|r| + rms(r)) vs the fp64 reference (rtol = tol, atol = tol * rms(r):

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("engine.kernels")
 if not kernels.TRITON_AVAILABLE:
     pytest.skip("triton not installed", allow_module_level=True)
 
-from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin  # noqa: E402
-from kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
+from engine.kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin  # noqa: E402
+from engine.kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # Bounds on |a - r| <= tol * (|r| + rms(r)) vs the fp64 reference (rtol = tol, atol = tol * rms(r)),

@@ -16,13 +16,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root, so `tests.dist_utils` imports
 # Importing kernels sets TRITON_INTERPRET=1 here (no CUDA); the spawned ranks inherit it, so lm_loss(fused=True)
 # takes the Triton path there too (engine/model/ops.py kernels_for); _lm_loss_cases asserts that it did.
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("engine.kernels")
 if not kernels.TRITON_AVAILABLE:
     pytest.skip("triton not installed", allow_module_level=True)
 if torch.cuda.is_available():
     pytest.skip("gloo ranks on CPU tensors need the Triton interpreter", allow_module_level=True)
 
-from kernels.cross_entropy import cross_entropy_ref  # noqa: E402
+from engine.kernels.cross_entropy import cross_entropy_ref  # noqa: E402
 from tests.dist_utils import run_distributed  # noqa: E402
 
 TP = 2
@@ -60,7 +60,7 @@ def _shard(x: torch.Tensor, rank: int) -> torch.Tensor:
 def _kernel_cases(rank: int) -> dict:
     import torch.distributed as dist
 
-    from kernels.cross_entropy import cross_entropy
+    from engine.kernels.cross_entropy import cross_entropy
 
     out = {}
     for name, vocab, opts, reduction, logits, targets, weight in _cases():
@@ -77,7 +77,7 @@ def _shard_errors(rank: int) -> dict:
     """The ValueError message of each bad shard argument (None if it was accepted)."""
     import torch.distributed as dist
 
-    from kernels.cross_entropy import cross_entropy
+    from engine.kernels.cross_entropy import cross_entropy
 
     logits, targets = torch.zeros(3, 8), torch.zeros(3, dtype=torch.long)
     bad = {"vocab_size": {"vocab_start": 8 * rank, "vocab_size": 17},
@@ -105,7 +105,7 @@ def _lm_loss_inputs(vocab: int, v_pad: int):
 
 
 def _lm_loss_cases(rank: int) -> dict:
-    import kernels as kernels_pkg
+    import engine.kernels as kernels_pkg
 
     from engine.model.loss import lm_loss
     from engine.parallel.state import ParallelState

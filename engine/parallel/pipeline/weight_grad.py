@@ -13,6 +13,9 @@ Data parallelism: deferred weights get their gradient outside autograd, so post-
 hooks do not fire for them; W adds into the data-parallel main grad when the store has a
 `grad_target` (what the hook would have done: the executor sets it to `ddp.main_grad`), and the
 executor keeps DP reductions for after the step.
+
+FP8: the FP8 linear (engine/precision/fp8.py) is not an F.linear; it takes part in the same mode through
+a small protocol (`accepts_weight_grad_store`) and hands its FP8 wgrad matmul to `add_deferred`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class WeightGradStore:
         # parameter -> the tensor its weight gradient accumulates into (None: weight.grad)
         self.grad_target = grad_target
         self._key: Optional[Hashable] = None
-        self._pending: dict[Hashable, list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]] = {}
+        # key -> [(weight, the deferred computation returning dW [out, in])]
+        self._pending: dict[Hashable, list[tuple[nn.Parameter, Callable[[], torch.Tensor]]]] = {}
         self.n_deferred_layers = 0  # linear calls routed through the deferring Function (statistics, tests)
 
     @contextlib.contextmanager
@@ -50,13 +54,19 @@ class WeightGradStore:
         return self._key is not None
 
     def add(self, weight: nn.Parameter, x: torch.Tensor, gy: torch.Tensor) -> None:
-        self._pending.setdefault(self._key, []).append((weight, x, gy))
+        """Defer dW = dY^T X of an F.linear (x [..., in], gy [..., out])."""
+        self.add_deferred(weight, lambda: gy.reshape(-1, gy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1])))
+
+    def add_deferred(self, weight: nn.Parameter, compute: Callable[[], torch.Tensor]) -> None:
+        """Defer any weight-gradient computation (`compute()` -> dW shaped like `weight`), e.g. the FP8
+        linear's wgrad matmul (engine/precision/fp8.py)."""
+        self._pending.setdefault(self._key, []).append((weight, compute))
 
     @torch.no_grad()  # saved inputs may require grad (stage inputs): dW must not build a graph
     def flush(self, key: Hashable) -> None:
-        """W pass: dW = dY^T X for every linear recorded under `key`, accumulated into weight.grad."""
-        for weight, x, gy in self._pending.pop(key, []):
-            gw = gy.reshape(-1, gy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))  # [out, in]
+        """W pass: every dW recorded under `key`, accumulated into weight.grad (or the grad target)."""
+        for weight, compute in self._pending.pop(key, []):
+            gw = compute()  # [out, in]
             main = self.grad_target(weight) if self.grad_target is not None else None
             if main is not None:  # data-parallel grad buffer (engine/parallel/data_parallel.py)
                 main.add_(gw.to(main.dtype))
@@ -107,6 +117,10 @@ class defer_weight_grads(TorchFunctionMode):
     covers nn.Linear, the tensor-parallel Column/RowParallelLinear (which call F.linear between their
     communication ops) and the output head's F.linear on the embedding/head weight alike.
 
+    A function marked `accepts_weight_grad_store = True` (the FP8 linear) is called with
+    `weight_grad_store=store` instead, and defers its own weight-gradient computation through
+    `store.add_deferred`.
+
     Outside `store.capture(...)` the recorded layers still compute their full gradient in backward.
     """
 
@@ -116,6 +130,12 @@ class defer_weight_grads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
         kwargs = kwargs or {}
+        if getattr(func, "accepts_weight_grad_store", False):  # e.g. the FP8 linear: it defers its own wgrad
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            if isinstance(weight, nn.Parameter) and weight.requires_grad and torch.is_grad_enabled():
+                self.store.n_deferred_layers += 1
+                return func(*args, **{**kwargs, "weight_grad_store": self.store})
+            return func(*args, **kwargs)
         if func is F.linear:
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
