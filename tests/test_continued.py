@@ -266,3 +266,18 @@ def test_a_tokenizer_that_does_not_extend_the_old_one_is_refused(tmp_path):
     with pytest.raises(TokenizerProblem, match="does not keep the ids"):
         train(config_from_dict(tree))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_validation_set_may_be_named_like_a_training_set(tmp_path):
+    """The old domain is both a training set (replay) and a validation set: one name, val_loss/<name>."""
+    from engine.parallel.state import ParallelState
+    from engine.train.trainer import Trainer
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n\n".join(f"A held-out paragraph number {i} about the for statement." for i in range(60)))
+    cfg = tiny_config(tmp_path, data={"train": [{"name": "docs", "path": "builtin:pydoc"}],
+                                      "valid": [{"name": "docs", "path": str(held_out)}]},
+                      train={"eval_interval": 2, "eval_iters": 1})
+    t = Trainer(cfg, ParallelState.single("cpu"))
+    assert list(t.valid_sets) == ["docs"] and list(t.train_set.samples_in(0, 4)) == ["docs"]
+    assert list(t.evaluate()) == ["docs"]

@@ -178,9 +178,11 @@ def _assemble(cfg: "Config", tokenizer: Tokenizer, train_samples: int, valid_sam
               cache_dir: pathlib.Path, build: bool, verify_token_ids: str = "meta"
               ) -> tuple[Dataset, dict[str, Dataset]]:
     d = cfg.data
-    used: set[str] = set()
-    train_src = _resolve(d.train, tokenizer, cache_dir, used)
-    valid_src = _resolve(d.valid, tokenizer, cache_dir, used)
+    # Two namespaces: a validation set may be named like a training set (val_loss/<name> of that domain).
+    # Their caches never collide: a raw source's cache is keyed by its identity, an index by "<name>-train"
+    # or "<name>-valid".
+    train_src = _resolve(d.train, tokenizer, cache_dir, set())
+    valid_src = _resolve(d.valid, tokenizer, cache_dir, set())
     opened: dict[str, IndexedDataset] = {}
     # every cheap check first, before anything is written; only the builder scans .bin files
     _check_sources(train_src + valid_src, cfg, tokenizer, verify_token_ids, scan=build, opened=opened)
