@@ -30,15 +30,15 @@ import torch
 
 from engine import __version__
 from engine.checkpoint.dcp_io import Pieces, TensorInfo, check_files, read_metadata, read_pieces, tensor_infos
-from engine.checkpoint.files import LATEST, META, StepDir, fsync_dir, resolve_checkpoint
+from engine.checkpoint.files import LATEST, META, StepDir, fsync_dir, resolve_checkpoint, write_atomic
 from engine.checkpoint.weights import ST_DTYPES, canonical_specs, remove_stale_temporaries, safetensors_header
 from engine.config import Config, config_from_dict
 from engine.errors import CheckpointError, ConfigError, RunDirError
 from engine.parallel.state import ParallelState
 from engine.checkpoint.meta import read_meta
 
-__all__ = ["DTYPES", "EXPORT_MARKER", "Exported", "ModelCheckpoint", "batches", "export_checkpoint",
-           "is_checkpoint_path"]
+__all__ = ["DTYPES", "EXPORT_MARKER", "Exported", "ModelCheckpoint", "batches", "check_export_dir",
+           "export_checkpoint", "is_checkpoint_path"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXPORT_MARKER = ".tessera-export"
@@ -167,8 +167,12 @@ def _parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
     raise ConfigError(f"export dtype: expected one of {', '.join(DTYPES)}, found {dtype!r}")
 
 
-def _check_out_dir(out: Path, step: StepDir) -> bool:
-    """Raise RunDirError if export may not write into `out`; True if it holds an earlier export. Reads only."""
+def check_export_dir(out: Path, step: StepDir, owned: Callable[[str], bool],
+                     mid_write: Callable[[str], bool] = lambda name: False) -> bool:
+    """Raise RunDirError if an export of `step` may not write into `out`: it must be new, empty, or an earlier
+    export (it holds EXPORT_MARKER and only files `owned` by that kind of export; `mid_write` names are an
+    export's own temporaries, ignored), outside the checkpoint root, and writable. True if it holds an earlier
+    export's files. Reads only."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"export directory {str(out)!r}: expected a directory, found a file")
     root = step.path.parent
@@ -179,9 +183,9 @@ def _check_out_dir(out: Path, step: StepDir) -> bool:
                               f"saving there refuses other files); choose a directory outside it")
     if not out.is_dir():
         return False
-    entries = {p.name for p in out.iterdir() if not _TMP_RE.match(p.name)}
+    entries = {p.name for p in out.iterdir() if not mid_write(p.name)}
     ours = EXPORT_MARKER in entries
-    foreign = sorted(entries - ({EXPORT_MARKER, *_FILES} if ours else set()))
+    foreign = sorted(e for e in entries if not (ours and (e == EXPORT_MARKER or owned(e))))
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         kind = "an export directory that also holds other files" if ours else "a directory with other files"
@@ -189,16 +193,7 @@ def _check_out_dir(out: Path, step: StepDir) -> bool:
                           f"{kind} ({shown}); choose another directory")
     if not os.access(out, os.W_OK | os.X_OK):
         raise RunDirError(f"export directory {str(out)!r}: the directory is not writable")
-    return ours and any((out / f).exists() for f in _FILES)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return ours and any(owned(e) for e in entries)
 
 
 @dataclass(frozen=True)
@@ -222,10 +217,11 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,
     want = _parse_dtype(dtype)
     ck = ModelCheckpoint.open(path, "checkpoint")
     out = Path(out_dir)
-    replaced = _check_out_dir(out, ck.step)
+    replaced = check_export_dir(out, ck.step, owned=lambda name: name in _FILES,
+                                mid_write=lambda name: bool(_TMP_RE.match(name)))
     out.mkdir(parents=True, exist_ok=True)
     if not (out / EXPORT_MARKER).is_file():  # first: a crash leaves a directory we recognise as ours
-        _write_atomic(out / EXPORT_MARKER, json.dumps({"engine": __version__, "created": datetime.datetime.now(
+        write_atomic(out / EXPORT_MARKER, json.dumps({"engine": __version__, "created": datetime.datetime.now(
             datetime.timezone.utc).isoformat(timespec="seconds")}).encode())
     target = out / "model.safetensors"
     remove_stale_temporaries(target)
@@ -247,7 +243,7 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,
         tmp.unlink(missing_ok=True)
         raise
     remove_stale_temporaries(out / "config.yaml")
-    _write_atomic(out / "config.yaml", ck.config.to_yaml().encode())
+    write_atomic(out / "config.yaml", ck.config.to_yaml().encode())
     fsync_dir(out)
     return Exported(target, out / "config.yaml", ck.step.path, int(ck.meta.get("iteration", -1)), len(ck.names),
                     size, replaced)

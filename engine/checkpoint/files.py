@@ -91,6 +91,13 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` as `path`, whole or not at all: written to `.<name>.tmp<pid>`, fsynced, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _write_durable(tmp, data)
+    os.replace(tmp, path)
+
+
 def complete_steps(root: Path) -> list[StepDir]:
     """Complete checkpoints under `root`, oldest first."""
     root = Path(root)

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from engine.checkpoint.files import write_atomic
 from engine.checkpoint.weights import ST_DTYPES, safetensors_header
 from engine.errors import ConversionError
 
@@ -213,13 +214,7 @@ def write_shards(out: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]
 
 def write_json(path: Path, obj: dict) -> None:
     """A JSON file written atomically (temporary name, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def tokenizer_files(src: Path) -> list[Path]:

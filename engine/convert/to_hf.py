@@ -24,12 +24,12 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from engine import __version__
-from engine.checkpoint.export import DTYPES, EXPORT_MARKER, ModelCheckpoint, batches
+from engine.checkpoint.export import DTYPES, EXPORT_MARKER, ModelCheckpoint, batches, check_export_dir
 from engine.convert.hf_config import ARCHITECTURES, arch_of_model, hf_config_from_model
 from engine.convert.hf_files import INDEX, SINGLE, TOKENIZER_FILES, parse_size, tokenizer_files, write_json, \
     write_shards
 from engine.convert.hf_names import Group, groups, hf_shape, ours_to_hf
-from engine.errors import ConversionError, RunDirError
+from engine.errors import ConversionError
 
 __all__ = ["Converted", "convert_to_hf"]
 
@@ -48,20 +48,9 @@ class Converted:
     dtype: torch.dtype
 
 
-def _check_out(out: Path) -> None:
-    """OUT must be new, empty, or an earlier Hugging Face export of ours (its files are replaced)."""
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"output directory {str(out)!r}: expected a directory, found a file")
-    if not out.is_dir():
-        return
-    entries = {p.name for p in out.iterdir()}
-    if not entries:
-        return
-    ours = EXPORT_MARKER in entries
-    foreign = sorted(e for e in entries if not (ours and (e in _OURS or e.startswith(("model-", ".model")))))
-    if foreign:
-        raise RunDirError(f"output directory {str(out)!r}: expected a new, empty or Tessera export directory, found "
-                          f"other files ({', '.join(foreign[:5])}); choose another directory (nothing was written)")
+def _ours(name: str) -> bool:
+    """The files an earlier Hugging Face export of ours holds (replaced), its shards' temporaries included."""
+    return name in _OURS or name.startswith(("model-", ".model"))
 
 
 def _dtype(name: Optional[str], hf: Optional[dict]) -> torch.dtype:
@@ -90,7 +79,7 @@ def convert_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: Op
     dtype: bf16 | fp16 | fp32 (default: the Hugging Face source's dtype, else bf16)."""
     ck = ModelCheckpoint.open(path, "checkpoint")
     out = Path(out_dir)
-    _check_out(out)
+    check_export_dir(out, ck.step, owned=_ours)
     shard_bytes = parse_size(shard_size)
     hf = ck.meta.get("hf")
     m = ck.config.model
