@@ -1,5 +1,5 @@
 """`tessera ...` / `python -m engine ...`: train, config show, checkpoint inspect/export, generate, preprocess,
-tokenizer, bench."""
+tokenizer, bench, plan."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from engine.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, RunDirError, RunSto
 DELEGATED = {
     "preprocess": ("engine.data.preprocess", "Tokenize text/jsonl (optionally compressed) into Megatron .bin/.idx."),
     "convert": ("engine.convert.cli", "Hugging Face <-> Tessera checkpoints (from-hf, to-hf), exact, with --verify."),
+    "plan": ("engine.plan.cli", "Memory planner and performance model: per-rank peak memory and step time of a "
+             "config, and the layouts of N devices that fit, ranked by throughput (builds no model)."),
 }
 BENCHES = {
     "train": ("engine.bench.train", "Our training loop vs a minimal hand-written PyTorch loop (overhead)."),
@@ -31,6 +33,9 @@ BENCHES = {
     "checkpoint": ("engine.bench.checkpoint", "Sharded checkpoints: sync/async save, training blocked, load, size."),
     "convert": ("engine.bench.convert", "Hugging Face conversion both ways: time, peak memory, bit-exact round trip."),
     "fp8": ("engine.bench.fp8", "FP8 (torch._scaled_mm) vs bf16: one linear (TFLOP/s) and a training step (tokens/s)."),
+    "throughput": ("engine.bench.throughput", "Steady-state tokens/s, TFLOP/s, MFU, memory and step-time breakdown; "
+                   "--sweep ablations."),
+    "plan": ("engine.bench.plan", "The memory planner's prediction against the measured peak of real training steps."),
 }
 TOKENIZER_CMDS = {
     "train": ("engine.data.tokenizer_train", "Train a SentencePiece tokenizer (bpe or unigram)."),
@@ -147,8 +152,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     env = LaunchEnv.from_env()
     cfg = load_config(args.config, args.overrides, world_size=env.world_size)
     from engine.train.loop import train
+    from engine.train.timing import process_start
 
-    train(cfg)
+    train(cfg, started_at=process_start())  # the end-of-run summary's start-up includes the imports
     return 0
 
 

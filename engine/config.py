@@ -103,8 +103,9 @@ class ModelConfig:
                             default=1024, bounds="[1, inf)")
     norm: Literal["rmsnorm", "layernorm"] = _doc("Normalisation layer.", default="rmsnorm")
     norm_eps: float = _doc("Epsilon of the normalisation layers.", default=1e-5, bounds="(0, inf)")
-    activation: Literal["swiglu", "gelu", "relu"] = _doc("MLP activation (swiglu has gate and up projections).",
-                                                         default="swiglu")
+    activation: Literal["swiglu", "gelu", "gelu_exact", "relu"] = _doc(
+        "MLP activation: swiglu (gate and up projections), gelu (the tanh approximation, GPT-2), gelu_exact "
+        "(the erf form, BERT's \"gelu\") or relu.", default="swiglu")
     position: Literal["rope", "learned", "none"] = _doc("Position encoding.", default="rope")
     rope_theta: float = _doc("RoPE base frequency.", default=10000.0, bounds="(0, inf)")
     rope_scaling: Literal["none", "llama3"] = _doc(
@@ -133,6 +134,23 @@ class ModelConfig:
         "Transformer Engine (when installed).", default="sdpa")
     fused_ops: bool = _doc("Use Tessera's fused Triton kernels for norms, RoPE, SwiGLU and cross entropy "
                            "where Triton can run; torch otherwise.", default=False)
+    encoder: bool = _doc(
+        "The encoder variant (BERT): bidirectional attention, token-type embeddings (type_vocab_size) and the "
+        "masked-LM head (dense D->D, activation (gelu_exact when activation is swiglu), norm, the vocabulary "
+        "projection with the tied embedding or the untied head, plus a bias); trained with train.objective mlm "
+        "or mlm+nsp. BERT itself also sets norm_position=post, embed_norm and binary_head (preset bert-base).",
+        default=False)
+    type_vocab_size: int = _doc("Encoder: rows of the token-type (segment) embedding added to the word and "
+                                "position embeddings (BERT: 2); 0 = none. Unused by the decoder.", default=2,
+                                bounds="[0, inf)")
+    norm_position: Literal["pre", "post"] = _doc(
+        "pre: x + f(norm(x)) and a final norm before the head (GPT-2, Llama); post: norm(x + f(x)) and no final "
+        "norm (BERT, the original Transformer).", default="pre")
+    embed_norm: bool = _doc("A norm right after the embedding sum, before the embedding dropout (BERT's "
+                            "embeddings.LayerNorm).", default=False)
+    binary_head: bool = _doc("Encoder: the pooler (dense D->D + tanh on the first token) and a two-way "
+                             "sentence-pair head (BERT's next-sentence prediction, train.objective mlm+nsp).",
+                             default=False)
 
 
 @dataclass
@@ -204,7 +222,15 @@ class TrainConfig:
     out_dir: str = _doc("Run directory: config.yaml, metrics.jsonl, tensorboard/, final weights.",
                         default="runs/default", path="a directory path")
     device: Literal["auto", "cpu", "cuda"] = _doc("auto = cuda if available.", default="auto")
-    compile: bool = _doc("torch.compile the model.", default=False)
+    compile: bool = _doc("torch.compile each Transformer block (every chunk, every pipeline stage); the embedding, "
+                         "head and loss stay eager. Not with precision.fp8.", default=False)
+    recompute: Literal["none", "selective", "full"] = _doc(
+        "Activation recompute: none; selective = the attention core of every block (softmax(QK^T)V and its "
+        "dropout, recomputed in the backward); full = whole blocks (every recompute_every-th one), keeping "
+        "only their inputs.", default="none")
+    recompute_every: int = _doc("recompute=full: recompute the blocks whose global layer index is a multiple of "
+                                "N (1 = every block, 2 = blocks 0, 2, 4, ...); other modes need 1.", default=1,
+                                bounds="[1, inf)")
     eval_at_start: Optional[bool] = _doc(
         "Evaluate before the first update (step 0 of the run), the baseline of `val_delta/<name>` (each "
         "validation set's change since then: forgetting and adaptation). null = when the run starts from prior "
@@ -227,6 +253,20 @@ class TrainConfig:
                                   bounds="[0, inf)")
     straggler_factor: float = _doc("At each log interval, flag ranks whose step time exceeds the median of all "
                                    "ranks by this factor.", default=1.5, bounds="(1, inf)")
+    objective: Literal["causal", "mlm", "mlm+nsp"] = _doc(
+        "Training objective: causal (next-token prediction), mlm (BERT masked-LM: predict the chosen positions "
+        "of a bidirectional encoder) or mlm+nsp (masked-LM plus next-sentence prediction on sentence pairs). "
+        "mlm needs model.encoder; mlm+nsp also model.binary_head.", default="causal")
+    mask_prob: float = _doc("mlm: fraction of a sample's maskable tokens (all but [CLS], [SEP], [PAD]) that are "
+                            "chosen for prediction.", default=0.15, bounds="(0, 1)")
+    mask_replace: float = _doc("mlm: of the chosen positions, the fraction shown as [MASK] in the input.",
+                               default=0.8, bounds="[0, 1]")
+    mask_random: float = _doc("mlm: of the chosen positions, the fraction shown as a random token (the rest, "
+                              "1 - mask_replace - mask_random, keep their token).", default=0.1, bounds="[0, 1]")
+    whole_word_masking: bool = _doc("mlm: choose whole words (every token of a word together), for tokenizers "
+                                    "that mark word starts.", default=False)
+    nsp_weight: float = _doc("mlm+nsp: weight of the next-sentence loss added to the masked-LM loss.",
+                             default=1.0, bounds="[0, inf)")
 
 
 @dataclass
@@ -799,6 +839,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(m.rope_high_freq_factor > m.rope_low_freq_factor,
                f"model.rope_high_freq_factor: expected more than rope_low_freq_factor={m.rope_low_freq_factor:g} "
                f"(llama3 scaling blends between them), found {m.rope_high_freq_factor:g}")
+    # the encoder variant (BERT)
+    _check(m.encoder or not m.binary_head,
+           "model.binary_head=true: expected model.encoder=true (the pooler and next-sentence head read the "
+           "bidirectional encoder's first token), found model.encoder=false")
+    _check(not m.encoder or m.position != "none",
+           "model.encoder=true with model.position=none: bidirectional attention without positions cannot tell "
+           "the token order apart; expected model.position learned or rope")
     seq = cfg.seq_len
     _check(seq <= m.max_seq_len,
            f"data.seq_len={seq} exceeds model.max_seq_len={m.max_seq_len}")
@@ -841,9 +888,37 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(p.zero != 3 or (p.tp == 1 and p.pp == 1),
            f"parallel.zero=3 (FSDP2) supports data parallelism only: expected parallel.tp=1 and parallel.pp=1, "
            f"found tp={p.tp}, pp={p.pp}; use parallel.zero=1 (ZeRO-1) with tensor or pipeline parallelism")
-    _check(not cfg.train.compile or p.pp == 1,
-           "train.compile=true is not supported with parallel.pp > 1 yet (pipeline stages run eagerly); "
-           "set train.compile=false or parallel.pp=1")
+    _check(t.recompute == "full" or t.recompute_every == 1,
+           f"train.recompute_every={t.recompute_every} applies to train.recompute=full only: expected 1 with "
+           f"train.recompute={t.recompute}")
+    _check(not (t.compile and p.pp > 1 and p.schedule == "zb"),
+           "train.compile=true with parallel.schedule=zb: inside a compiled block torch.compile does not keep the "
+           "zero-bubble deferral of weight gradients (they would run in B, as with 1f1b); expected "
+           "parallel.schedule 1f1b, gpipe or interleaved with train.compile=true, or train.compile=false")
+    _check(t.recompute_every <= m.n_layers,
+           f"train.recompute_every: expected at most model.n_layers={m.n_layers} (block 0 is always recomputed; "
+           f"a larger step recomputes nothing more), found {t.recompute_every}")
+
+    # objective
+    if t.objective != "causal":
+        _check(m.encoder, f"train.objective={t.objective}: expected model.encoder=true (masked-LM trains a "
+                          f"bidirectional encoder), found model.encoder=false")
+        _check(t.mask_replace + t.mask_random <= 1.0,
+               f"train.mask_replace + train.mask_random: expected at most 1 (the rest keep their token), found "
+               f"{t.mask_replace} + {t.mask_random} = {t.mask_replace + t.mask_random}")
+    else:
+        _check(not m.encoder, "model.encoder=true with train.objective=causal: an encoder sees every position "
+                              "(bidirectional), so next-token prediction would read its targets; expected "
+                              "train.objective mlm or mlm+nsp")
+    _check(t.sample_prompt is None or t.objective == "causal",
+           f"train.sample_prompt with train.objective={t.objective}: a masked-LM encoder does not generate text; "
+           f"expected train.sample_prompt=null")
+    _check(t.objective != "mlm+nsp" or m.binary_head,
+           "train.objective=mlm+nsp: expected model.binary_head=true (the pooler and next-sentence head), found "
+           "model.binary_head=false")
+    _check(t.objective != "mlm" or not m.binary_head,
+           "train.objective=mlm with model.binary_head=true: the next-sentence head would get no gradient; "
+           "expected train.objective=mlm+nsp or model.binary_head=false")
 
     # batch arithmetic
     if world_size is not None:

@@ -9,7 +9,7 @@ import torch
 
 from engine.checkpoint.export import ModelCheckpoint, is_checkpoint_path
 from engine.checkpoint.weights import load_weights
-from engine.config import Config, load_config
+from engine.config import Config, ConfigError, load_config
 from engine.errors import RunDirError, TesseraError
 from engine.data import Tokenizer, build_tokenizer
 from engine.model.transformer import Transformer
@@ -71,6 +71,10 @@ def generate_ids(model: Transformer, ids: list[int], max_new_tokens: int, temper
     sampling a stop_id ends generation without appending it. The model sees at most its last
     cfg.max_seq_len tokens, and only the real vocabulary (padded logit columns are never sampled).
     """
+    if getattr(model.cfg, "encoder", False):  # (test doubles carry only the fields generation reads)
+        raise ConfigError("generate: this model is an encoder (model.encoder=true, trained with a masked-LM "
+                          "objective): it predicts masked positions and cannot generate text left to right; "
+                          "expected a decoder")
     if not ids:
         raise ValueError("generate: expected at least one prompt token, found none")
     if top_k is not None and top_k < 0:

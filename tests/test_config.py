@@ -42,7 +42,7 @@ def test_int_accepted_for_float_but_not_bool_for_int():
     ({"data": {"split": "a,b"}}, r"data.split"),
     ({"parallel": {"vpp": 2}}, r"vpp=2 needs parallel.schedule='interleaved'"),
     ({"model": {"preset": "gtp2"}}, r"unknown preset 'gtp2'.*Did you mean 'gpt2'"),
-    ({"train": {"compile": True}, "parallel": {"pp": 2}}, r"train.compile=true is not supported with parallel.pp > 1"),
+    ({"train": {"recompute_every": 2}}, r"train.recompute_every=2 applies to train.recompute=full only"),
     ({"parallel": {"zero": 3, "tp": 2}}, r"parallel.zero=3 \(FSDP2\) supports data parallelism only: .*found tp=2, pp=1"),
     ({"parallel": {"zero": 3, "pp": 2}, "model": {"n_layers": 4}}, r"parallel.zero=3 .*found tp=1, pp=2"),
 ])

@@ -133,6 +133,7 @@ INVARIANTS: dict[str, typing.Callable[[Any], bool]] = {
     "model.dropout": _float(0, 1), "model.init_std": _float(0, lo_open=True),
     "model.rope_scaling_factor": _float(1), "model.rope_low_freq_factor": _float(0, lo_open=True),
     "model.rope_high_freq_factor": _float(0, lo_open=True), "model.rope_original_max_seq_len": POS,
+    "model.type_vocab_size": NONNEG,
     "data.seq_len": NONNEG, "data.seed": SEED,
     "data.train": lambda v: len(v) >= 1 and all(_float(0, lo_open=True)(d.weight) for d in v),
     "data.valid": lambda v: all(_float(0, lo_open=True)(d.weight) for d in v),
@@ -144,6 +145,9 @@ INVARIANTS: dict[str, typing.Callable[[Any], bool]] = {
     "train.sample_tokens": NONNEG, "train.max_bad_steps": NONNEG, "train.bad_step_window": NONNEG,
     "train.loss_spike_zscore": _float(0), "train.loss_spike_window": NONNEG,
     "train.straggler_factor": _float(1, lo_open=True),
+    "train.recompute_every": POS,
+    "train.mask_prob": _float(0, 1, lo_open=True, hi_open=True), "train.mask_replace": _float(0, 1, hi_open=False),
+    "train.mask_random": _float(0, 1, hi_open=False), "train.nsp_weight": _float(0),
     "optim.lr": _float(0, lo_open=True), "optim.min_lr": _float(0), "optim.weight_decay": _float(0),
     "optim.betas": lambda v: len(v) == 2 and all(_float(0, 1)(b) for b in v), "optim.eps": _float(0, lo_open=True),
     "optim.grad_clip": _float(0), "optim.warmup_iters": NONNEG, "optim.warmup_init_lr": _float(0),
@@ -212,6 +216,11 @@ def check_invariants(cfg: Config) -> None:
     assert pr.min_loss_scale <= pr.initial_loss_scale
     assert t.max_bad_steps == 0 or t.bad_step_window >= max(t.max_bad_steps, 1)
     assert t.loss_spike_zscore == 0 or t.loss_spike_window >= 2
+    assert (t.recompute == "full" or t.recompute_every == 1) and t.recompute_every <= m.n_layers
+    assert not (t.compile and p.pp > 1 and p.schedule == "zb")
+    assert t.objective == "causal" or t.mask_replace + t.mask_random <= 1.0
+    assert m.encoder or not m.binary_head
+    assert not m.encoder or (m.position != "none" and t.sample_prompt is None)
 
 
 def build(tree: dict) -> Config | None:

@@ -256,3 +256,24 @@ def test_the_checker_reports_planted_back_imports_and_cycles(tmp_path):
     _tree(tmp_path, {"engine/model/m.py": "", "engine/parallel/bad.py": "", "engine/parallel/sharded.py": "",
                      "kernels/k.py": "", "kernels/old.py": "", "engine/data/b.py": ""})
     assert check_layering(tmp_path) == []
+
+
+# The planner (engine/plan, `tessera plan`) is arithmetic on the config: it may read the model's size
+# formulas, the FLOPs accounting, the pipeline schedules and their simulator and a tokenizer's size, and must
+# build no model. Only the command line and the benchmarks use it.
+PLAN_MAY_IMPORT = ("engine.plan", "engine.config", "engine.errors", "engine.model.transformer", "engine.train.flops",
+                   "engine.parallel.pipeline.actions", "engine.parallel.pipeline.schedules",
+                   "engine.parallel.pipeline.simulator", "engine.parallel.pipeline.partition",
+                   "engine.data.tokenizers")
+PLAN_USERS = ("engine.plan", "engine.cli", "engine.bench")
+
+
+def test_the_planner_reads_only_sizes_flops_and_schedules():
+    files, edges = import_graph(REPO)
+    rel = {m: files[m].relative_to(REPO).as_posix() for m in files}
+    bad = [f"{rel[mod]}:{line}: {mod} imports {imp}" for mod, found in edges.items() if _under(mod, "engine.plan")
+           for line, imp in found if not any(_under(imp, ok) for ok in PLAN_MAY_IMPORT)]
+    bad += [f"{rel[mod]}:{line}: {mod} imports {imp} (only the CLI and benchmarks use the planner)"
+            for mod, found in edges.items() if not any(_under(mod, u) for u in PLAN_USERS)
+            for line, imp in found if _under(imp, "engine.plan")]
+    assert not bad, "\n".join(bad)

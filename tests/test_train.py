@@ -33,16 +33,16 @@ def test_loss_falls_and_eval_runs(make_tiny_config):
 
 
 def test_bf16_autocast_runs(make_tiny_config, monkeypatch):
-    import engine.train.step as step
+    import engine.train.trainer as trainer_module
 
     seen = []  # (logits dtype, autocast on?) of every micro-batch loss
-    real = step.lm_loss
+    real = trainer_module.lm_loss
 
     def spy(logits, *args, **kwargs):
         seen.append((logits.dtype, torch.is_autocast_enabled("cpu")))
         return real(logits, *args, **kwargs)
 
-    monkeypatch.setattr(step, "lm_loss", spy)
+    monkeypatch.setattr(trainer_module, "lm_loss", spy)  # the trainer's loss function (train.objective causal)
     r = train(make_tiny_config(precision={"dtype": "bf16"}, train={"iters": 3}))
     assert seen and all(dtype == torch.bfloat16 and on for dtype, on in seen), seen[:3]
     assert all(math.isfinite(l) for l in r.losses), r.losses  # nan and inf alike
@@ -96,7 +96,8 @@ def test_end_to_end_cli_train_and_generate(tmp_path):
                           capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((out / "archive").iterdir())) == 1
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1] and "wall_s/total" in records[-1]  # + the run's split
 
 
 def test_cli_config_error_is_one_clear_message(tmp_path):
@@ -147,7 +148,7 @@ def test_train_destroys_the_process_group_it_created(make_tiny_config, monkeypat
         def destroy(self) -> None:
             destroyed.append(True)
 
-    def _fake_train(cfg, pstate):
+    def _fake_train(cfg, pstate, clock):
         if fails:
             raise RuntimeError("boom")
         return "ran"

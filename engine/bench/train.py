@@ -6,6 +6,11 @@ random token batches already on the device, forward, loss, backward, clip, AdamW
 the data pipeline, LR schedule, metrics and logging. Rounds alternate (minimal, ours, minimal,
 ours ...) so drift in machine speed hits both; the first `--warmup` steps of every round are
 dropped; we report medians.
+
+Beside the per-step overhead, the fixed costs of our runs: each round's wall time split into start-up,
+model build, dataset building, steps, evaluation, saving and other (engine/train/timing.py RunClock, the
+split the end-of-run summary prints), reported as the median over rounds. The runs are in-process, so their
+start-up has no imports or interpreter start (the CLI's has).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from engine.model.transformer import build_model, count_parameters
 from engine.optim import build_adamw
 from engine.precision import autocast
 from engine.train.flops import peak_tflops, training_flops_per_token
+from engine.train.timing import format_run_split
 
 
 def minimal_loop_times(cfg: Config, iters: int, device: torch.device) -> list[float]:
@@ -56,13 +62,15 @@ def minimal_loop_times(cfg: Config, iters: int, device: torch.device) -> list[fl
     return times
 
 
-def tessera_loop_times(cfg: Config, iters: int, out_dir: Path) -> list[float]:
+def tessera_loop_times(cfg: Config, iters: int, out_dir: Path) -> tuple[list[float], dict[str, float]]:
+    """Our loop: seconds per optimizer step, and the run's wall time by part (TrainResult.wall)."""
     from engine.train.loop import train
 
     c = copy.deepcopy(cfg)
     c.train.iters, c.train.eval_interval, c.train.sample_prompt = iters, 0, None
     c.train.out_dir, c.train.progress = str(out_dir), False
-    return train(c).step_times
+    r = train(c)
+    return r.step_times, r.wall
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -85,11 +93,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     resolve_vocab(cfg)  # the minimal loop needs the model's vocabulary before our loop runs
 
     device = pick_device(cfg.train.device, 0)
-    ours, minimal = [], []
+    ours, minimal, walls = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             minimal += minimal_loop_times(cfg, args.iters, device)[args.warmup:]
-            ours += tessera_loop_times(cfg, args.iters, Path(tmp) / f"round{r}")[args.warmup:]
+            times, wall = tessera_loop_times(cfg, args.iters, Path(tmp) / f"round{r}")
+            ours += times[args.warmup:]
+            walls.append(wall)
+    run_wall = {k: statistics.median(w[k] for w in walls) for k in walls[0]}  # seconds, median over rounds
     med_ours, med_min = statistics.median(ours), statistics.median(minimal)
     tokens = cfg.train.global_batch_size * cfg.seq_len
     fpt = training_flops_per_token(cfg.model, cfg.seq_len)
@@ -106,6 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "tessera_tokens_per_s": tokens / med_ours, "minimal_tokens_per_s": tokens / med_min,
         "tessera_tflops": fpt * tokens / med_ours / 1e12,
         "mfu": (fpt * tokens / med_ours / 1e12) / peak if peak else None,
+        "tessera_run_wall_s": run_wall, "tessera_run_steps": args.iters,
     }
     mfu = "n/a" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
     print(f"| loop | s/step (median) | tokens/s | TFLOP/s |\n|---|---|---|---|\n"
@@ -113,6 +125,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"| tessera | {med_ours:.4f} | {tokens / med_ours:,.0f} | {res['tessera_tflops']:.3f} |\n"
           f"overhead: {res['overhead_pct']:+.2f}%  device: {res['device']}  "
           f"MFU: {mfu}")
+    print("tessera run (median of the rounds, in-process: no imports): "
+          + format_run_split(run_wall, args.iters).removeprefix("tessera: "))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2) + "\n")

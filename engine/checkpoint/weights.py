@@ -55,9 +55,9 @@ def _stage_of(name: str, cfg: ModelConfig, pstate: ParallelState, layout: Option
                 if layer in layers_for_stage(cfg.n_layers, pstate.pp, pstate.vpp, r, c, layout):
                     return r
         raise ValueError(f"{name}: layer {layer} is on no pipeline stage")
-    if name.startswith(("embed.", "pos_embed.")):
+    if name.startswith(("embed.", "pos_embed.", "type_embed.", "embed_norm.")):  # the encoder's too
         return 0
-    return pstate.pp - 1  # final norm, output head
+    return pstate.pp - 1  # final norm, output head (the encoder's MLM head, pooler, next-sentence head)
 
 
 def _holders(spec: ShardSpec) -> list[int]:

@@ -14,13 +14,14 @@ EPILOG = """examples:
   tessera train examples/llama_1b.yaml checkpoint.init_from=ckpt/llama32-1b
   tessera train examples/llama_1b.yaml checkpoint.init_from=hf:~/models/Llama-3.2-1B   (no convert step)
   tessera convert to-hf ckpt/run1 hf/run1 --dtype bf16 --shard-size 2GB --verify
+  tessera convert from-hf ~/models/bert-base-uncased ckpt/bert-base --tp 2 --verify
 """
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tessera convert", description="Move weights between Hugging Face model "
                                 "directories and Tessera checkpoints, exactly: Llama 2/3/3.1/3.2, Mistral, "
-                                "Qwen2/2.5 and GPT-2.", epilog=EPILOG,
+                                "Qwen2/2.5, GPT-2 and BERT (BertForPreTraining / BertForMaskedLM).", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
     f = sub.add_parser("from-hf", help="Hugging Face directory -> a Tessera checkpoint (step 0, weights only).",

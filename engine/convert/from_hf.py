@@ -32,9 +32,9 @@ from engine.checkpoint.files import StepDir, ensure_checkpoint_dir, publish, ste
 from engine.checkpoint.meta import FORMAT
 from engine.checkpoint.weights import canonical_specs
 from engine.config import Config, ModelConfig, config_from_dict
-from engine.convert.hf_config import ARCHITECTURES, model_fields_from_hf, read_hf_config
+from engine.convert.hf_config import ARCHITECTURES, hf_class, model_fields_from_hf, read_hf_config
 from engine.convert.hf_files import HFWeights, tokenizer_files
-from engine.convert.hf_names import IGNORED, Group, groups, hf_shape, hf_to_ours
+from engine.convert.hf_names import IGNORED, TIED_COPIES, Group, groups, hf_shape, hf_to_ours
 from engine.errors import ConfigError, ConversionError
 from engine.parallel.sharding import box_view
 from engine.parallel.state import ParallelState
@@ -42,7 +42,8 @@ from engine.parallel.state import ParallelState
 __all__ = ["HF_PREFIX", "HFSource", "convert_from_hf", "hf_record"]
 
 HF_PREFIX = "hf:"
-_CLASS = {v: k for k, v in ARCHITECTURES.items()}
+# BERT files that hold these hold the pooler and the next-sentence head (model.binary_head)
+_BERT_NSP = ("bert.pooler.dense.weight", "cls.seq_relationship.weight")
 
 
 @dataclass
@@ -50,7 +51,7 @@ class HFSource:
     """A checked Hugging Face model directory (see the module docstring)."""
 
     dir: Path
-    arch: str  # llama | mistral | qwen2 | gpt2
+    arch: str  # llama | mistral | qwen2 | gpt2 | bert
     hf_config: dict
     generation_config: Optional[dict]
     fields: dict  # ModelConfig field values from config.json
@@ -66,23 +67,26 @@ class HFSource:
         d = Path(hf_dir)
         hf_config = read_hf_config(d)
         arch, fields = model_fields_from_hf(hf_config, f"{what} {str(d)!r}: config.json")
+        weights = HFWeights(d)
+        names = _file_names(arch, weights)
+        if arch == "bert" and not fields["binary_head"] and all(n in names for n in _BERT_NSP):
+            fields["binary_head"] = True  # a BertForMaskedLM config over pretraining files: keep both heads
         model = dataclasses.replace(ModelConfig(), **fields)
         shapes = {n: s.global_shape for n, s in canonical_specs(model, ParallelState.single()).items()}
         gs = groups(arch, model)
-        weights = HFWeights(d)
-        names = _file_names(arch, weights)
         problems, expected = [], set()
         for g in gs:
             expected.add(g.hf)
             want = hf_shape(g, shapes)
             if g.hf not in names:
-                problems.append(f"missing {g.hf} (expected shape {list(want)})")
+                if not g.alias:
+                    problems.append(f"missing {g.hf} (expected shape {list(want)})")
             elif weights.tensors[names[g.hf]].shape != want:
                 problems.append(f"{g.hf} has shape {list(weights.tensors[names[g.hf]].shape)}, config.json implies "
                                 f"{list(want)}")
-        tied_head = model.tie_embeddings and "lm_head.weight" in names  # some files keep the tied copy
-        extra = sorted(n for n in names if n not in expected and not IGNORED.search(n)
-                       and not (tied_head and n == "lm_head.weight"))
+        # some files keep the copies of tied tensors (ignored: the tie is ours too)
+        tied = set(TIED_COPIES.get(arch, ("lm_head.weight",))) if model.tie_embeddings else set()
+        extra = sorted(n for n in names if n not in expected and not IGNORED.search(n) and n not in tied)
         if extra:
             problems.append(f"{len(extra)} tensor(s) this architecture does not have (a feature the conversion "
                             f"would drop): {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
@@ -96,7 +100,7 @@ class HFSource:
             except (OSError, ValueError) as e:
                 raise ConversionError(f"{str(d / 'generation_config.json')!r}: not readable JSON ({e})") from None
         return cls(d, arch, hf_config, gen, fields, weights, gs, shapes, names,
-                   {n: g for g in gs for n in g.ours})
+                   {n: g for g in gs if not g.alias for n in g.ours})
 
     def model_config(self, base: Optional[ModelConfig] = None) -> ModelConfig:
         """`base` (default: ModelConfig()) with the architecture fields of config.json; the rest (dropout,
@@ -123,11 +127,15 @@ class HFSource:
 
 def _file_names(arch: str, weights: HFWeights) -> dict[str, str]:
     """Our Hugging Face names -> the names in the files. GPT-2 files from the Hub's first upload have no
-    `transformer.` prefix (GPT2Model's names); GPT2LMHeadModel.save_pretrained writes it."""
+    `transformer.` prefix (GPT2Model's names); GPT2LMHeadModel.save_pretrained writes it. Old BERT files
+    (TensorFlow-era, the Hub's bert-base-*) name LayerNorm parameters gamma / beta, as transformers still
+    reads them."""
     out = {}
     for n in weights.tensors:
         if arch == "gpt2" and not n.startswith(("transformer.", "lm_head.")):
             out[f"transformer.{n}"] = n
+        elif arch == "bert" and n.endswith(("LayerNorm.gamma", "LayerNorm.beta")):
+            out[n[: -len("gamma")] + "weight" if n.endswith("gamma") else n[: -len("beta")] + "bias"] = n
         else:
             out[n] = n
     return out
@@ -135,7 +143,10 @@ def _file_names(arch: str, weights: HFWeights) -> dict[str, str]:
 
 def hf_record(src: HFSource) -> dict:
     """What tessera.json records of a Hugging Face source, for `convert to-hf` to write it back."""
-    return {"architecture": _CLASS[src.arch], "path": str(src.dir.resolve()), "config": src.hf_config,
+    archs = src.hf_config.get("architectures") or []
+    name = archs[0] if archs and ARCHITECTURES.get(archs[0]) == src.arch else \
+        hf_class(src.arch, src.model_config())
+    return {"architecture": name, "path": str(src.dir.resolve()), "config": src.hf_config,
             "generation_config": src.generation_config}
 
 
@@ -147,6 +158,8 @@ def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: i
     root = Path(out_dir)
     cfg = Config()
     cfg.model = src.model_config()
+    if cfg.model.encoder:  # the objective an encoder's config validates with (BERT's own pretraining one)
+        cfg.train.objective = "mlm+nsp" if cfg.model.binary_head else "mlm"
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp = tp, pp, vpp
     cfg.parallel.schedule = "interleaved" if vpp > 1 else cfg.parallel.schedule
     cfg.parallel.pp_layout = list(pp_layout) if pp_layout else None
@@ -183,6 +196,9 @@ def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: i
         raise
     log(f"tessera: {src.arch} model from {src.dir} -> {step.path} ({len(src.shapes)} tensors, {src.dtype}, "
         f"cut for tp {tp} x pp {pp}" + (f" x vpp {vpp}" if vpp > 1 else "") + ")")
+    if not tok and (src.dir / "vocab.txt").is_file():  # an older BERT directory: WordPiece vocabulary only
+        log(f"tessera: {src.dir} has vocab.txt but no tokenizer.json: no tokenizer carried (transformers writes "
+            f"one: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
     return step
 
 
@@ -203,9 +219,13 @@ def _pieces(src: HFSource, model: ModelConfig, tp: int) -> Pieces:
 
 
 def _meta(src: HFSource, cfg: Config, tp: int, pp: int, vpp: int, tok: list[Path]) -> dict:
-    from engine.data.tokenizers import build_tokenizer, tokenizer_record
+    from engine.data.special_tokens import tokenizer_for_objective
+    from engine.data.tokenizers import tokenizer_record
 
-    record = tokenizer_record(build_tokenizer(HF_PREFIX + str(src.dir))) if tok else None
+    # recorded as a run with this config builds it (an encoder's mlm objectives add the special tokens' ids),
+    # so that a run starting from the checkpoint finds the same fingerprint
+    record = tokenizer_record(tokenizer_for_objective(HF_PREFIX + str(src.dir), cfg.train.objective)) if tok \
+        else None
     return {
         "format": FORMAT, "engine": __version__,
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

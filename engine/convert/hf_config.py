@@ -2,9 +2,16 @@
 
 Supported: LlamaForCausalLM (Llama 2/3/3.1/3.2, rope_type default or llama3), MistralForCausalLM (no sliding
 window, or one at least as long as max_position_embeddings), Qwen2ForCausalLM (q/k/v bias, tied in the small
-sizes; sliding window off) and GPT2LMHeadModel (learned positions, tanh GELU, Conv1D weights). Anything else
-our model would only approximate -- another activation, a short sliding window, MoE, partial rotary, another
-RoPE scaling -- is refused with the field named, never converted approximately.
+sizes; sliding window off), GPT2LMHeadModel (learned positions, tanh GELU, Conv1D weights) and the BERT encoder
+as BertForPreTraining (MLM head + pooler + next-sentence head: model.binary_head) or BertForMaskedLM (MLM head
+only; absolute positions, post-norm blocks, embedding LayerNorm, erf GELU "gelu" = our gelu_exact, or the tanh
+GELU "gelu_new"). Anything else our model would only approximate -- another activation, a short sliding window,
+MoE, partial rotary, another RoPE scaling, BERT's relative position embeddings -- is refused with the field
+named, never converted approximately.
+
+A BertForMaskedLM config.json whose files also hold the pooler and the next-sentence head (the Hub's
+bert-base-uncased is one) is converted with them (binary_head, decided by engine/convert/from_hf.py from the
+files: nothing is dropped) and its config.json is written back as it was.
 
 Both spellings of RoPE in config.json are read: transformers 5's `rope_parameters` ({rope_type, rope_theta,
 factor, ...}) and 4.x's `rope_theta` + `rope_scaling` ({rope_type or type, factor, ...}). A config written
@@ -20,13 +27,20 @@ from typing import Any, Optional
 from engine.config import ModelConfig
 from engine.errors import ConversionError
 
-__all__ = ["ARCHITECTURES", "arch_of_model", "hf_config_from_model", "model_fields_from_hf", "read_hf_config"]
+__all__ = ["ARCHITECTURES", "arch_of_model", "hf_class", "hf_config_from_model", "model_fields_from_hf",
+           "read_hf_config"]
 
 # config.json `architectures[0]` -> our name for the weight layout (engine/convert/hf_names.py)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "GPT2LMHeadModel": "gpt2"}
-_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}
-_CLASS = {v: k for k, v in ARCHITECTURES.items()}
+                 "GPT2LMHeadModel": "gpt2", "BertForPreTraining": "bert", "BertForMaskedLM": "bert"}
+_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2", "bert": "bert"}
+_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+          "gpt2": "GPT2LMHeadModel"}
+# BERT's hidden_act -> ours: "gelu" is the erf GELU; gelu_new / gelu_pytorch_tanh the tanh GELU (GPT-2's)
+_BERT_ACT = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+_BERT_ACT_OUT = {"gelu_exact": "gelu", "gelu": "gelu_new", "relu": "relu"}
+# the decoder variant's values of the encoder fields (a decoder source resets a base config's encoder fields)
+_DECODER = {"encoder": False, "norm_position": "pre", "embed_norm": False, "binary_head": False}
 # fields that mean a different model than ours whenever they are set at all
 _ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "dtype", "torch_dtype")
 _MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
@@ -113,8 +127,10 @@ def model_fields_from_hf(cfg: dict, where: str = "config.json") -> tuple[str, di
     for f in _MOE_FIELDS:
         if cfg.get(f):
             _refuse(where, f, cfg[f], "mixture-of-experts layers are not implemented")
+    if arch == "bert":
+        return arch, _bert_fields(cfg, where)
     if arch == "gpt2":
-        return arch, _gpt2_fields(cfg, where)
+        return arch, {**_gpt2_fields(cfg, where), **_DECODER}
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         _refuse(where, "hidden_act", act, "the gated MLP here is SwiGLU (silu)")
@@ -128,6 +144,7 @@ def model_fields_from_hf(cfg: dict, where: str = "config.json") -> tuple[str, di
         "ffn_hidden": int(cfg["intermediate_size"]), "max_seq_len": int(cfg.get("max_position_embeddings", 2048)),
         "norm": "rmsnorm", "norm_eps": float(cfg.get("rms_norm_eps", 1e-6)), "activation": "swiglu",
         "position": "rope", "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)), "dropout": 0.0,
+        **_DECODER,
     }
     fields.update(_rope(cfg, where))
     _window(cfg, where, arch)
@@ -162,9 +179,73 @@ def _gpt2_fields(cfg: dict, where: str) -> dict:
     }
 
 
+def _bert_fields(cfg: dict, where: str) -> dict:
+    pos = cfg.get("position_embedding_type", "absolute")
+    if pos not in (None, "absolute"):
+        _refuse(where, "position_embedding_type", pos, "positions here are a learned absolute table (absolute)")
+    act = cfg.get("hidden_act", "gelu")
+    if act not in _BERT_ACT:
+        _refuse(where, "hidden_act", act, f"implemented are {', '.join(_BERT_ACT)}")
+    for f in ("is_decoder", "add_cross_attention"):
+        if cfg.get(f):
+            _refuse(where, f, cfg[f], "the encoder here attends bidirectionally to its own input only")
+    d, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    if d % heads:
+        _refuse(where, "num_attention_heads", heads, f"hidden_size={d} must be a multiple of it (head_dim = "
+                f"hidden_size / num_attention_heads)")
+    if cfg.get("embedding_size") not in (None, d):
+        _refuse(where, "embedding_size", cfg["embedding_size"], f"embeddings here have hidden_size={d} columns")
+    archs = cfg.get("architectures") or []
+    return {
+        "vocab_size": int(cfg["vocab_size"]), "d_model": d, "n_layers": int(cfg["num_hidden_layers"]),
+        "n_heads": heads, "n_kv_heads": None, "head_dim": None, "ffn_hidden": int(cfg["intermediate_size"]),
+        "max_seq_len": int(cfg.get("max_position_embeddings", 512)), "norm": "layernorm",
+        "norm_eps": float(cfg.get("layer_norm_eps", 1e-12)), "activation": _BERT_ACT[act], "position": "learned",
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", True)), "bias": True, "qkv_bias": None,
+        "rope_scaling": "none", "dropout": 0.0, "encoder": True, "norm_position": "post", "embed_norm": True,
+        "type_vocab_size": int(cfg.get("type_vocab_size", 2)),
+        "binary_head": bool(archs) and archs[0] == "BertForPreTraining",
+    }
+
+
+def hf_class(arch: str, m: ModelConfig) -> str:
+    """The transformers class name for our layout name (BERT: with or without the next-sentence head)."""
+    if arch == "bert":
+        return "BertForPreTraining" if m.binary_head else "BertForMaskedLM"
+    return _CLASS[arch]
+
+
+def _bert_problems(m: ModelConfig) -> list[str]:
+    """What keeps an encoder from being exactly a Hugging Face BERT (empty: it is one)."""
+    qkv_bias = m.bias if m.qkv_bias is None else m.qkv_bias
+    want = [("norm", m.norm, "layernorm"), ("bias", m.bias, True), ("qkv_bias", qkv_bias, True),
+            ("position", m.position, "learned"), ("norm_position", m.norm_position, "post"),
+            ("embed_norm", m.embed_norm, True)]
+    out = [f"{k}={v!r} (BERT: {w!r})" for k, v, w in want if v != w]
+    if m.activation not in _BERT_ACT_OUT:
+        out.append(f"activation={m.activation!r} (BERT: one of {', '.join(_BERT_ACT_OUT)})")
+    if m.head_dim not in (None, m.d_model // m.n_heads) or m.d_model % m.n_heads:
+        out.append(f"head_dim={m.head_dim!r} (BERT: d_model / n_heads)")
+    if m.n_kv_heads not in (None, m.n_heads):
+        out.append(f"n_kv_heads={m.n_kv_heads!r} (BERT: n_heads)")
+    if m.type_vocab_size < 1:
+        out.append(f"type_vocab_size={m.type_vocab_size} (BERT: at least 1)")
+    return out
+
+
 def arch_of_model(m: ModelConfig) -> str:
     """The Hugging Face architecture that computes exactly what this ModelConfig does."""
+    if m.encoder:
+        problems = _bert_problems(m)
+        if problems:
+            raise ConversionError(f"encoder model: no Hugging Face architecture computes exactly this model (BERT "
+                                  f"differs in {'; '.join(problems)})")
+        return "bert"
     qkv_bias = m.bias if m.qkv_bias is None else m.qkv_bias
+    if m.norm_position != "pre" or m.embed_norm:
+        raise ConversionError(f"model (norm_position={m.norm_position}, embed_norm={m.embed_norm}): no Hugging Face "
+                              f"decoder architecture computes exactly this model (GPT-2 / Llama / Qwen2 are pre-norm "
+                              f"without an embedding norm)")
     if m.position == "learned" and m.norm == "layernorm" and m.activation in ("gelu", "relu") and m.bias \
             and qkv_bias and (m.head_dim in (None, m.d_model // m.n_heads)) and (m.n_kv_heads in (None, m.n_heads)):
         return "gpt2"
@@ -199,6 +280,8 @@ def hf_config_from_model(m: ModelConfig, dtype: str, base: Optional[dict] = None
     arch = arch_of_model(m)
     if base is not None:
         base_arch, fields = model_fields_from_hf(base, "the Hugging Face config recorded in the checkpoint")
+        if base_arch == "bert" and not fields["binary_head"]:
+            fields["binary_head"] = m.binary_head  # a BertForMaskedLM config whose files held the NSP head too
         here = {k: getattr(m, k) for k in fields if k != "dropout"}
         diff = [f"{k}: source {fields[k]!r}, checkpoint {v!r}" for k, v in here.items() if fields[k] != v]
         if not diff:
@@ -212,7 +295,16 @@ def hf_config_from_model(m: ModelConfig, dtype: str, base: Optional[dict] = None
         keep = {k: v for k, v in base.items() if k not in fresh and k not in _ROPE_KEYS}
         return {**keep, **fresh}
     ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
-    if arch == "gpt2":
+    if arch == "bert":
+        cfg = {"architectures": [hf_class(arch, m)], "model_type": "bert", "vocab_size": m.vocab_size,
+               "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
+               "intermediate_size": _ffn(m), "hidden_act": _BERT_ACT_OUT[m.activation],
+               "hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.dropout,
+               "max_position_embeddings": m.max_seq_len, "type_vocab_size": m.type_vocab_size,
+               "initializer_range": m.init_std, "layer_norm_eps": m.norm_eps, "position_embedding_type": "absolute",
+               "tie_word_embeddings": m.tie_embeddings, "is_decoder": False, "add_cross_attention": False,
+               "classifier_dropout": None, "use_cache": True}
+    elif arch == "gpt2":
         cfg = {"architectures": [_CLASS["gpt2"]], "model_type": "gpt2", "vocab_size": m.vocab_size,
                "n_embd": m.d_model, "n_layer": m.n_layers, "n_head": m.n_heads,
                "n_inner": None if _ffn(m) == 4 * m.d_model else _ffn(m), "n_positions": m.max_seq_len,

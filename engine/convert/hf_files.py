@@ -38,7 +38,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # tokenizer files carried from a Hugging Face directory into checkpoints and exports
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,15 @@ c_attn from q, k, v; Conv1D transposed), cast and appended to its shard. Memory 
 (at most 256 MiB, or one larger tensor) plus one tensor.
 
 Written next to the weights: config.json (the Hugging Face source's own, recorded in the checkpoint, when
-the model still is that model; else a fresh one, engine/convert/hf_config.py), generation_config.json,
-and the tokenizer files the checkpoint carries. The real vocabulary only (padding is never saved); a
+the model still is that model; else a fresh one, engine/convert/hf_config.py), generation_config.json (for
+an encoder only the source's, if it had one), and the tokenizer files the checkpoint carries. The real vocabulary only (padding is never saved); a
 tied head is not written (transformers ties it back).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -67,9 +68,14 @@ def _produce(ck: ModelCheckpoint, gs: list[Group], dtype: torch.dtype) -> Callab
     def run() -> Iterator[tuple[str, torch.Tensor]]:
         size = lambda g: sum(ck.infos[n].nbytes for n in g.ours)  # noqa: E731
         for batch in batches(gs, size, _READ_BATCH):
-            parts = ck.read([n for g in batch for n in g.ours])
-            for g in batch:
-                yield g.hf, ours_to_hf(g, {n: parts.pop(n).to(dtype) for n in g.ours})
+            names = list(dict.fromkeys(n for g in batch for n in g.ours))  # an alias group repeats a name
+            last = {n: i for i, g in enumerate(batch) for n in g.ours}
+            parts = ck.read(names)
+            for i, g in enumerate(batch):
+                yield g.hf, ours_to_hf(g, {n: parts[n].to(dtype) for n in g.ours})
+                for n in g.ours:  # each part is dropped after its last use
+                    if last[n] == i:
+                        del parts[n]
     return run
 
 
@@ -88,8 +94,11 @@ def convert_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: Op
         arch = "mistral"  # same tensors; keep the source's class
     dt = _dtype(dtype, hf)
     tok = ck.meta.get("tokenizer") or {}
-    config = hf_config_from_model(m, _HF_DTYPE[dt], base=(hf or {}).get("config"),
-                                  token_ids={"eos_token_id": tok.get("eod_id")} if tok else None)
+    if m.encoder:  # BERT's config names the padding id (its embedding's padding_idx), not an end of text
+        ids = {"pad_token_id": _pad_id(_tokenizer_sources(ck))}
+    else:
+        ids = {"eos_token_id": tok.get("eod_id")} if tok else None
+    config = hf_config_from_model(m, _HF_DTYPE[dt], base=(hf or {}).get("config"), token_ids=ids)
     gs = groups(arch, m)
     shapes = {n: ck.infos[n].shape for n in ck.names}
     specs = [(g.hf, dt, hf_shape(g, shapes)) for g in gs]
@@ -103,8 +112,11 @@ def convert_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: Op
         if old.name not in plan.files and old.name != INDEX:
             old.unlink(missing_ok=True)
     write_json(out / "config.json", config)
-    gen = (hf or {}).get("generation_config") or _generation_config(config)
-    write_json(out / "generation_config.json", gen)
+    gen = (hf or {}).get("generation_config") or (None if m.encoder else _generation_config(config))
+    if gen is not None:  # an encoder generates nothing: only a recorded one is written back
+        write_json(out / "generation_config.json", gen)
+    else:
+        (out / "generation_config.json").unlink(missing_ok=True)  # an earlier export's
     for f in _tokenizer_sources(ck):
         shutil.copy2(f, out / f.name)
     log(f"tessera: {ck.step.path} -> {out} ({config['architectures'][0]}, {len(specs)} tensors in "
@@ -118,6 +130,27 @@ def _generation_config(config: dict) -> dict:
         if config.get(k) is not None:
             out[k] = config[k]
     return out
+
+
+def _pad_id(files: list[Path]) -> Optional[int]:
+    """The [PAD] id of a BERT tokenizer among the carried files (tokenizer_config.json's pad_token, else
+    "[PAD]"), or None (the config then keeps BertConfig's default, 0)."""
+    tj = next((f for f in files if f.name == "tokenizer.json"), None)
+    if tj is None:
+        return None
+    pad = "[PAD]"
+    try:
+        conf = json.loads((tj.parent / "tokenizer_config.json").read_text())
+        named = conf.get("pad_token")
+        pad = (named.get("content") if isinstance(named, dict) else named) or pad
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(tj)).token_to_id(pad)
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer.json only loses the optional pad id
+        return None
 
 
 def _tokenizer_sources(ck: ModelCheckpoint) -> list[Path]:

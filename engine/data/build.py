@@ -1,9 +1,9 @@
 """`build_datasets`: from the config's data section to one train dataset and named validation datasets.
 
 Every source becomes an indexed .bin/.idx dataset (a raw text/jsonl file or builtin:pydoc is preprocessed
-once into cache_dir), split by document into train/valid/test, indexed by GPTDataset (cached), and the
-train parts are blended by weight. The builder rank does all writing, then everyone meets at barrier()
-and the other ranks open what it wrote.
+once into cache_dir), split by document into train/valid/test, indexed by GPTDataset (cached; BertDataset
+for train.objective mlm / mlm+nsp), and the train parts are blended by weight. The builder rank does all
+writing, then everyone meets at barrier() and the other ranks open what it wrote.
 
 `check_data_sources` does the cheap checks only (every file exists; raw inputs are text; every .bin/.idx is
 consistent, matches its meta.json and the tokenizer, and holds no id outside the model's vocabulary) and
@@ -24,13 +24,17 @@ from typing import TYPE_CHECKING, Callable
 
 from torch.utils.data import Dataset
 
+from engine.data.bert_dataset import BertDataset, BertIndexSpec
 from engine.data.cleaning import CleanConfig
 from engine.data.gpt_dataset import BlendedDataset, DatasetBuildError, GPTDataset, IndexSpec, blending_counts
 from engine.data.indexed import IndexedDataset, IndexedDatasetError, bin_path, idx_path, inside, safe_stem
+from engine.data.mlm_masking import MaskingSpec
 from engine.data.preprocess import check_tokenizer, preprocess
 from engine.data.sources import (BUILTIN_PYDOC, BUILTIN_STDLIB, SourceError, _megatron_prefix, check_text_file,
                                  is_raw_source, source_name, stdlib_identity)
+from engine.data.special_tokens import MLM_OBJECTIVES, SpecialTokenizer, base_tokenizer, with_special_tokens
 from engine.data.tokenizers import Tokenizer, TokenizerError, tokenizer_fingerprint
+from engine.data.word_starts import WordStarts, word_starts_for
 
 if TYPE_CHECKING:
     from engine.config import Config, DatasetSpec
@@ -118,6 +122,49 @@ def _gpt(src: _Source, indexed: IndexedDataset, doc_range: tuple[int, int], kind
         raise DatasetBuildError(f"dataset {src.name!r} ({src.prefix}), {kind} split {doc_range}: {e}") from None
 
 
+@dataclass(frozen=True)
+class _MLM:
+    """What every BertDataset of a run shares: the tokenizer with its special tokens, the masking, the word
+    starts (whole-word masking only) and whether samples are sentence pairs (mlm+nsp)."""
+
+    tokenizer: SpecialTokenizer
+    masking: MaskingSpec
+    word_starts: WordStarts | None
+    nsp: bool
+
+
+def _objective(cfg: "Config") -> str:
+    return getattr(cfg.train, "objective", "causal")
+
+
+def _run_tokenizer(cfg: "Config", tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer whose vocabulary the model embeds: with [CLS]/[SEP]/[MASK]/[PAD] for the mlm objectives."""
+    return with_special_tokens(tokenizer) if _objective(cfg) in MLM_OBJECTIVES else tokenizer
+
+
+def _mlm(cfg: "Config", tokenizer: Tokenizer) -> _MLM | None:
+    if _objective(cfg) not in MLM_OBJECTIVES:
+        return None
+    t, tok = cfg.train, with_special_tokens(tokenizer)
+    masking = MaskingSpec(tok.special_tokens, tok.real_vocab_size, mask_prob=getattr(t, "mask_prob", 0.15),
+                          replace_prob=getattr(t, "mask_replace", 0.8), random_prob=getattr(t, "mask_random", 0.1),
+                          exclude=(tok.eod_id,))
+    ws = word_starts_for(tok) if getattr(t, "whole_word_masking", False) else None  # refused here, before any write
+    return _MLM(tok, masking, ws, _objective(cfg) == "mlm+nsp")
+
+
+def _bert(src: _Source, indexed: IndexedDataset, doc_range: tuple[int, int], kind: str, num_samples: int,
+          cfg: "Config", mlm: _MLM, cache_dir: pathlib.Path, build: bool) -> BertDataset:
+    spec = BertIndexSpec(name=f"{src.name}-{kind}", prefix=src.prefix, doc_begin=int(doc_range[0]),
+                         doc_end=int(doc_range[1]), seq_len=cfg.seq_len, num_samples=num_samples, seed=cfg.data.seed,
+                         nsp=mlm.nsp)
+    try:
+        return BertDataset(indexed, spec, mlm.masking, mlm.tokenizer.eod_id, cache_dir, build, source=src.name,
+                           word_starts=mlm.word_starts)
+    except DatasetBuildError as e:
+        raise DatasetBuildError(f"dataset {src.name!r} ({src.prefix}), {kind} split {doc_range}: {e}") from None
+
+
 def _check_vocab(cfg: "Config", tokenizer: Tokenizer) -> None:
     if cfg.model.vocab_size and tokenizer.vocab_size > cfg.model.vocab_size:
         raise TokenizerError(f"tokenizer {tokenizer.spec!r} has {tokenizer.vocab_size} ids, more than "
@@ -166,7 +213,8 @@ def check_data_sources(cfg: "Config", tokenizer: Tokenizer, verify_token_ids: st
     its meta.json and tokenizer, and its token ids are < the model's vocabulary (verify_token_ids: "meta" trusts
     the recorded max id, "scan" reads the .bin). Raw sources are checked again, fully, when preprocessed.
     """
-    _check_vocab(cfg, tokenizer)
+    _check_vocab(cfg, _run_tokenizer(cfg, tokenizer))
+    tokenizer = base_tokenizer(tokenizer)  # the data is tokenized without the mlm special tokens
     d = cfg.data
     used: set[str] = set()
     cache_dir = pathlib.Path(d.cache_dir) if d.cache_dir else pathlib.Path(cfg.train.out_dir) / "data_cache"
@@ -178,6 +226,14 @@ def _assemble(cfg: "Config", tokenizer: Tokenizer, train_samples: int, valid_sam
               cache_dir: pathlib.Path, build: bool, verify_token_ids: str = "meta"
               ) -> tuple[Dataset, dict[str, Dataset]]:
     d = cfg.data
+    mlm = _mlm(cfg, tokenizer)
+    tokenizer = base_tokenizer(tokenizer)  # the data's tokenizer: preprocessing, cache keys and data checks
+
+    def make(src: _Source, indexed: IndexedDataset, doc_range: tuple[int, int], kind: str, n: int) -> Dataset:
+        if mlm is not None:
+            return _bert(src, indexed, doc_range, kind, n, cfg, mlm, cache_dir, build)
+        return _gpt(src, indexed, doc_range, kind, n, cfg, tokenizer, cache_dir, build)
+
     # Two namespaces: a validation set may be named like a training set (val_loss/<name> of that domain).
     # Their caches never collide: a raw source's cache is keyed by its identity, an index by "<name>-train"
     # or "<name>-valid".
@@ -194,7 +250,7 @@ def _assemble(cfg: "Config", tokenizer: Tokenizer, train_samples: int, valid_sam
 
     # train: the train split of every train dataset, blended by weight, exact per global batch (the blend
     # knows train.global_batch_size; its cache is keyed by it and the data seed)
-    parts: list[GPTDataset] = []
+    parts: list[Dataset] = []
     valids: dict[str, Dataset] = {}
     counts = None
     if len(train_src) > 1:
@@ -206,19 +262,17 @@ def _assemble(cfg: "Config", tokenizer: Tokenizer, train_samples: int, valid_sam
         n_docs = indexed.num_documents
         tr, va, _ = split_ranges(n_docs, d.split)
         if tr[1] > tr[0]:
-            parts.append(_gpt(src, indexed, tr, "train", counts[k] if counts else train_samples, cfg, tokenizer,
-                              cache_dir, build))
+            parts.append(make(src, indexed, tr, "train", counts[k] if counts else train_samples))
         elif counts is not None:
             raise DatasetBuildError(f"dataset {src.name!r}: the train split {d.split!r} of its {n_docs} documents is "
                                     f"empty, but it has blending weight {src.weight}")
         if not d.valid and va[1] > va[0]:
-            valids[src.name] = _gpt(src, indexed, va, "valid", valid_samples, cfg, tokenizer, cache_dir, build)
+            valids[src.name] = make(src, indexed, va, "valid", valid_samples)
     if not parts:
         raise DatasetBuildError(f"data.train: the train split {d.split!r} selected no documents")
     for src in valid_src:  # explicit validation sets: all of their documents
         indexed = opened[src.prefix]
-        valids[src.name] = _gpt(src, indexed, (0, indexed.num_documents), "valid", valid_samples, cfg, tokenizer,
-                                cache_dir, build)
+        valids[src.name] = make(src, indexed, (0, indexed.num_documents), "valid", valid_samples)
     if not d.valid and not valids and parse_split(d.split)[1] > 0:
         warnings.warn(f"data.split={d.split!r}: the validation split holds no documents (datasets too small); "
                       f"no validation set", RuntimeWarning)
@@ -230,7 +284,9 @@ def _assemble(cfg: "Config", tokenizer: Tokenizer, train_samples: int, valid_sam
 def build_datasets(cfg: "Config", tokenizer: Tokenizer, train_samples: int, valid_samples: int,
                    cache_dir: pathlib.Path, is_builder: bool = True, barrier: Callable[[], None] = lambda: None,
                    verify_token_ids: str = "meta") -> tuple[Dataset, dict[str, Dataset]]:
-    """-> (train dataset, {name: validation dataset}); each yields {"tokens": LongTensor [seq_len+1], ...}.
+    """-> (train dataset, {name: validation dataset}); each yields {"tokens": LongTensor [seq_len+1], ...}, or
+    for train.objective mlm / mlm+nsp the BERT batch of engine/data/bert_dataset.py ({"inputs", "targets",
+    "token_types", "doc_ids"[, "nsp_label"]}; the tokenizer gets its special tokens, with_special_tokens).
 
     Datasets hold at least train_samples / valid_samples samples (more epochs are added as needed).
     The builder rank preprocesses raw sources and writes index caches under cache_dir, then calls barrier();
@@ -240,13 +296,13 @@ def build_datasets(cfg: "Config", tokenizer: Tokenizer, train_samples: int, vali
     cache_dir = pathlib.Path(cache_dir)
     if is_builder:
         try:
-            _check_vocab(cfg, tokenizer)
+            _check_vocab(cfg, _run_tokenizer(cfg, tokenizer))
             return _assemble(cfg, tokenizer, train_samples, valid_samples, cache_dir, build=True,
                              verify_token_ids=verify_token_ids)
         finally:
             # also on failure: the waiting ranks then stop with "cache does not exist" instead of hanging
             barrier()
     barrier()
-    _check_vocab(cfg, tokenizer)
+    _check_vocab(cfg, _run_tokenizer(cfg, tokenizer))
     return _assemble(cfg, tokenizer, train_samples, valid_samples, cache_dir, build=False,
                      verify_token_ids=verify_token_ids)

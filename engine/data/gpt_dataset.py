@@ -104,7 +104,24 @@ def _save_atomic(path: Path, arr: np.ndarray) -> None:
         raise
 
 
-class GPTDataset(Dataset):
+class RemappedWhenPickled:
+    """Pickled for spawn/forkserver DataLoader workers: send file names, re-map there (not the arrays).
+    A dataset lists its memory-mapped array attributes in MAPPED and re-opens them in `_map()`."""
+
+    MAPPED: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for k in self.MAPPED:
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._map()
+
+
+class GPTDataset(RemappedWhenPickled, Dataset):
     def __init__(self, indexed: IndexedDataset, spec: IndexSpec, eod_id: int, document_masking: bool,
                  cache_dir: Path, build: bool, source: Optional[str] = None):
         self.indexed = indexed
@@ -157,16 +174,7 @@ class GPTDataset(Dataset):
             raise DatasetBuildError(f"dataset {self.spec.name!r}: index cache {str(files['doc'])!r} (and its "
                                     f"sample/shuffle files) is unreadable ({e}); delete them to rebuild") from None
 
-    # Pickled for spawn/forkserver DataLoader workers: send file names, re-map there (not the arrays).
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        for k in ("doc_idx", "sample_idx", "shuffle_idx"):
-            state.pop(k)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._map()
+    MAPPED = ("doc_idx", "sample_idx", "shuffle_idx")
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)

@@ -113,7 +113,8 @@ class HFTokenizer:
         self.spec = spec
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         eod = None
-        for piece in _configured_eos(self.path.parent) + _EOD_PIECES + ("<|im_end|>", "<|eot_id|>"):
+        # [SEP] last: a BERT tokenizer has no end-of-text token, and [SEP] is where its documents are cut
+        for piece in _configured_eos(self.path.parent) + _EOD_PIECES + ("<|im_end|>", "<|eot_id|>", "[SEP]"):
             eod = self._tok.token_to_id(piece)
             if eod is not None:
                 break
@@ -169,10 +170,24 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
     if path is not None:
         h.update(Path(path).read_bytes())
     h.update(f"{tok.vocab_size}:{tok.eod_id}".encode())
+    special = _special_ids(tok)
+    if special is not None:  # the mlm objectives' [CLS]/[SEP]/[MASK]/[PAD] (engine/data/special_tokens.py)
+        h.update(json.dumps({"special_tokens": special}, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def _special_ids(tok: Tokenizer) -> dict | None:
+    """{"cls": id, "sep": id, "mask": id, "pad": id} of a tokenizer with special tokens, else None (a plain
+    tokenizer: its fingerprint and record stay what they always were)."""
+    special = getattr(tok, "special_tokens", None)
+    return None if special is None else special.as_dict()
 
 
 def tokenizer_record(tok: Tokenizer) -> dict:
     """What a checkpoint records of the tokenizer it was trained with (compared when it is loaded)."""
-    return {"spec": tok.spec, "fingerprint": tokenizer_fingerprint(tok), "vocab_size": int(tok.vocab_size),
-            "eod_id": int(tok.eod_id)}
+    record = {"spec": tok.spec, "fingerprint": tokenizer_fingerprint(tok), "vocab_size": int(tok.vocab_size),
+              "eod_id": int(tok.eod_id)}
+    special = _special_ids(tok)
+    if special is not None:
+        record["special_tokens"] = special
+    return record

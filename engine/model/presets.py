@@ -22,6 +22,11 @@ _LLAMA = dict(norm="rmsnorm", activation="swiglu", position="rope", tie_embeddin
 _LLAMA3_SCALING = dict(rope_scaling="llama3", rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                        rope_original_max_seq_len=8192)
 
+# BERT family (encoder): LayerNorm (eps 1e-12), learned positions, exact GELU, biases, tied embeddings.
+_BERT = dict(encoder=True, norm="layernorm", norm_eps=1e-12, activation="gelu_exact", position="learned",
+             tie_embeddings=True, bias=True, max_seq_len=512, n_kv_heads=None, type_vocab_size=2,
+             norm_position="post", embed_norm=True, binary_head=True)
+
 PRESETS: dict[str, dict] = {
     "gpt2": {**_GPT2, "d_model": 768, "n_layers": 12, "n_heads": 12},
     "gpt2-medium": {**_GPT2, "d_model": 1024, "n_layers": 24, "n_heads": 16},
@@ -47,6 +52,11 @@ PRESETS: dict[str, dict] = {
     # Mistral 7B: GQA 32/8, SwiGLU 14336.
     "mistral": {**_LLAMA, "vocab_size": 32000, "d_model": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
                 "ffn_hidden": 14336, "max_seq_len": 32768, "norm_eps": 1e-5, "rope_theta": 1000000.0},
+    # BERT (the encoder variant): post-norm blocks, embedding LayerNorm, token types, exact GELU, tied MLM
+    # decoder; binary_head = the pooler and next-sentence head of BertForPreTraining.
+    "bert-base": {**_BERT, "vocab_size": 30522, "d_model": 768, "n_layers": 12, "n_heads": 12, "ffn_hidden": 3072},
+    # BERT-Tiny's shape (L=2, H=128, A=2, ffn 512) with the vocabulary taken from the tokenizer: tests, demos.
+    "bert-tiny": {**_BERT, "vocab_size": 0, "d_model": 128, "n_layers": 2, "n_heads": 2, "ffn_hidden": 512},
     # The CPU demo model (~3M parameters with the byte tokenizer).
     "tiny": {**_LLAMA, "vocab_size": 0, "d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
              "ffn_hidden": 688, "max_seq_len": 256},

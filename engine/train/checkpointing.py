@@ -44,7 +44,8 @@ __all__ = ["FORMAT", "ARCH_FIELDS", "check_tokenizer", "checkpoint_files", "chec
 
 # model fields that change what the tensors mean: a checkpoint must agree on them (shapes are checked too)
 ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "norm",
-               "activation", "position", "tie_embeddings", "bias", "qkv_bias")
+               "activation", "position", "tie_embeddings", "bias", "qkv_bias", "encoder", "type_vocab_size",
+               "norm_position", "embed_norm", "binary_head")
 _KEYS = {"param": "model", "exp_avg": "optim/exp_avg", "exp_avg_sq": "optim/exp_avg_sq", "master": "optim/master"}
 
 

@@ -2,7 +2,7 @@
 
 Training FLOPs per token = 6 * N_matmul + 12 * L * (H * hd) * S
   N_matmul: parameters that take part in matrix multiplies per token (all linear layers of the blocks
-            plus the output head; embedding lookups are not matmuls and do not count),
+            plus the output head, and the encoder's MLM dense; embedding lookups are not matmuls and do not count),
   12 * L * H*hd * S: the two attention matmuls (QK^T and PV), forward (2 * 2 * S * H*hd per token per layer)
             plus backward (twice that). Counted for full S x S like PaLM / Megatron / torchtitan, also for
             causal attention, so our MFU is comparable with theirs.
@@ -67,7 +67,10 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
     d, hd, h, kv, f = cfg.d_model, head_dim(cfg), cfg.n_heads, kv_heads(cfg), ffn_hidden(cfg)
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d
     mlp = (3 if cfg.activation == "swiglu" else 2) * d * f
-    return cfg.n_layers * (attn + mlp) + d * padded_vocab(cfg)
+    # the encoder's MLM head adds its dense D->D at every position; the pooler and next-sentence head run once
+    # per sequence (1/S of a token's share) and are left out
+    mlm_dense = d * d if cfg.encoder else 0
+    return cfg.n_layers * (attn + mlp) + mlm_dense + d * padded_vocab(cfg)
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

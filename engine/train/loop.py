@@ -32,6 +32,7 @@ from engine.train.run_dir import RunLock, check_run_dir, prepare_run_dir
 from engine.train.checkpointing import checkpoint_files, checkpoint_meta, trainer_checkpoint_state
 from engine.train.start import Origin, StartPlan, plan_start, start_run
 from engine.train.stop import StopRequest
+from engine.train.timing import RunClock, format_run_split
 from engine.train.trainer import Trainer, resolve_vocab
 from engine.train.watchdog import Watchdog
 
@@ -46,6 +47,8 @@ class TrainResult:
     skipped_steps: int = 0
     step_times: list[float] = field(default_factory=list)  # seconds per optimizer step
     sample: Optional[str] = None
+    # the run's wall time by part (engine/train/timing.py RUN_PARTS) and "total", seconds; docs/metrics.md
+    wall: dict[str, float] = field(default_factory=dict)
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -56,8 +59,12 @@ def _peak_memory_gb(device: torch.device) -> float:
     return kb / 2**20
 
 
-def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
+def train(cfg: Config, pstate: Optional[ParallelState] = None, started_at: Optional[float] = None) -> TrainResult:
     """Run the training described by `cfg` (already validated). Returns what happened, for tests and benches.
+
+    started_at: when the run's start-up began, on time.perf_counter()'s clock (the CLI passes the process's
+    start, so start-up includes the imports); default: now. The run's wall time is split from there
+    (TrainResult.wall, the last record of metrics.jsonl).
 
     Without `pstate`, a process group this call creates is destroyed on the way out, also on errors: a gloo
     group left alive until interpreter exit can abort the process (SIGABRT, "terminate called without an active
@@ -65,15 +72,16 @@ def train(cfg: Config, pstate: Optional[ParallelState] = None) -> TrainResult:
     shutdown, which turns a finished run into a failed torchrun job. So nothing may still hold a group when
     this returns (tests/parallel/test_clean_exit.py counts the threads left).
     """
+    clock = RunClock(started_at)
     if pstate is not None:
-        return _train(cfg, pstate)
+        return _train(cfg, pstate, clock)
     p = cfg.parallel
     owns_group = not dist.is_initialized()  # a caller's own group stays the caller's to destroy
     pstate = ParallelState.initialize(tp=p.tp, pp=p.pp, dp=None if p.dp == "auto" else p.dp, vpp=p.vpp,
                                       sequence_parallel=p.sequence_parallel, device=cfg.train.device,
                                       timeout_minutes=p.timeout_minutes)
     try:
-        return _train(cfg, pstate)
+        return _train(cfg, pstate, clock)
     finally:
         if owns_group:
             gc.collect()  # FSDP2's hook cycles hold the model and its mesh: free them before the groups
@@ -117,7 +125,7 @@ def _straggler_note(times: list[float], factor: float) -> tuple[dict, str]:
     return fields, note
 
 
-def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
+def _train(cfg: Config, pstate: ParallelState, clock: RunClock) -> TrainResult:
     t = cfg.train
     out_dir = Path(t.out_dir)
     # Everything is checked before anything is written: the config (already), the tokenizer, the run
@@ -135,7 +143,7 @@ def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
     watchdog = Watchdog(60.0 * cfg.parallel.timeout_minutes + 10.0, pstate.rank, pstate.world_size).start() \
         if pstate.is_distributed else None
     try:
-        return _run(cfg, pstate, tokenizer, out_dir, watchdog, plan)
+        return _run(cfg, pstate, tokenizer, out_dir, watchdog, plan, clock)
     except RuntimeError as e:
         if watchdog is None or not any(m in str(e) for m in _PEER_FAILURE):
             raise
@@ -151,21 +159,23 @@ def _train(cfg: Config, pstate: ParallelState) -> TrainResult:
 
 
 def _run(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path, watchdog: Optional[Watchdog],
-         plan: StartPlan) -> TrainResult:
+         plan: StartPlan, clock: RunClock) -> TrainResult:
     ck = cfg.checkpoint
     stop = StopRequest(ck.time_limit)
     if ck.dir is not None:  # from here on a signal means: stop after the next step, with a checkpoint
         stop.install()
     try:
-        return _start_and_loop(cfg, pstate, tokenizer, out_dir, watchdog, stop, plan)
+        return _start_and_loop(cfg, pstate, tokenizer, out_dir, watchdog, stop, plan, clock)
     finally:
         stop.uninstall()
 
 
 def _start_and_loop(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path, watchdog: Optional[Watchdog],
-                    stop: StopRequest, plan: StartPlan) -> TrainResult:
+                    stop: StopRequest, plan: StartPlan, clock: RunClock) -> TrainResult:
     ck = cfg.checkpoint
     trainer = Trainer(cfg, pstate, tokenizer, watchdog, start=plan.start)  # builds the datasets (caches) too
+    clock.add("model_build", trainer.build_seconds)
+    clock.add("data_build", trainer.data_build_seconds)
     log = (lambda s: print(s, flush=True)) if pstate.is_rank0 else (lambda s: None)
     # validated and read before anything is written; every rank reads its own cut
     origin = start_run(trainer, plan, log)
@@ -179,14 +189,14 @@ def _start_and_loop(cfg: Config, pstate: ParallelState, tokenizer, out_dir: Path
         # archive a previous run's files (not when resuming it: its metrics are appended to), write config.yaml
         prepare_run_dir(out_dir, cfg, __version__, resume=resumed)
     try:
-        return _loop(cfg, pstate, trainer, out_dir, saver, stop, origin)
+        return _loop(cfg, pstate, trainer, out_dir, saver, stop, origin, clock)
     finally:
         if saver is not None:
             saver.close()
 
 
 def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, saver: Optional[CheckpointSaver],
-          stop: StopRequest, origin: Origin) -> TrainResult:
+          stop: StopRequest, origin: Origin, clock: RunClock) -> TrainResult:
     t = cfg.train
     device = pstate.device
     tokenizer = trainer.tokenizer
@@ -219,7 +229,8 @@ def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, s
     last_saved = trainer.iteration if saver is not None and trainer.iteration > 0 else -1
 
     def evaluate(step: int, baseline: bool = False) -> None:
-        vals = trainer.evaluate()
+        with clock.part("eval"):
+            vals = trainer.evaluate()
         if not vals:
             return
         result.val_losses[step] = vals
@@ -228,9 +239,11 @@ def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, s
         delta = {k: v - origin.val_start[k] for k, v in vals.items() if k in (origin.val_start or {})}
         logger.log({"step": step, "val_loss": sum(vals.values()) / len(vals),
                     **{f"val_loss/{k}": v for k, v in vals.items()},
-                    **{f"val_delta/{k}": v for k, v in delta.items()}})
+                    **{f"val_delta/{k}": v for k, v in delta.items()},
+                    **{f"val_{m}/{k}": v for k, mv in trainer.eval_metrics.items() for m, v in mv.items()}})
         logger.console(f"step {step:>6}/{t.iters} | val loss " + ", ".join(
             f"{k} {v:.4f}" + (f" ({delta[k]:+.4f})" if k in delta and step != start_step else "")
+            + "".join(f", {m.replace('_', ' ')} {x:.4f}" for m, x in trainer.eval_metrics.get(k, {}).items())
             for k, v in vals.items()))
 
     start_step = trainer.iteration
@@ -238,6 +251,7 @@ def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, s
     eval_first = t.eval_at_start if t.eval_at_start is not None else origin.from_prior_weights
     if eval_first and not origin.resumed and trainer.valid_sets and t.eval_iters:
         evaluate(start_step, baseline=True)  # before any update: what the prior weights know
+    clock.end_startup()  # what came before the first step and no other part claimed
     try:
         for _ in range(trainer.iteration, t.iters):
             try:
@@ -246,6 +260,8 @@ def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, s
                 logger.log({"step": trainer.iteration, "fault": str(e)})
                 raise
             done = trainer.iteration
+            clock.add("steps", out.seconds)
+            clock.steps += 1
             result.losses.append(out.loss)
             result.step_times.append(out.seconds)
             result.skipped_steps += int(out.skipped)
@@ -266,7 +282,8 @@ def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, s
                           "loss_scale": scale, "tokens_per_s": tok_s, "tflops": tflops,
                           "mfu": tflops / peak if peak else None, "mfu_peak": peak_of,
                           "mem_gb": _peak_memory_gb(device),
-                          "skipped_steps": result.skipped_steps, **{f"samples/{k}": v for k, v in mix.items()}}
+                          "skipped_steps": result.skipped_steps, **out.metrics,
+                          **{f"samples/{k}": v for k, v in mix.items()}}
                 note = ""
                 if pstate.is_distributed:  # one small collective per log interval: every rank's step time
                     fields, note = _straggler_note(trainer.rank_step_times(window_busy / window_steps),
@@ -277,7 +294,8 @@ def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, s
                 mfu += f" of the {peak_of} peak" if peak and peak_of == "fp8" else ""
                 logger.console(f"step {done:>6}/{t.iters} | loss {out.loss:.4f} | lr {out.lr:.3e} | grad norm "
                                f"{out.grad_norm:.3f} | {tok_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/device | MFU {mfu} | "
-                               f"mem {record['mem_gb']:.2f} GB" + (f" | scale {scale:g}" if scale else "") + note
+                               f"mem {record['mem_gb']:.2f} GB" + (f" | scale {scale:g}" if scale else "")
+                               + "".join(f" | {k.replace('_', ' ')} {v:.4f}" for k, v in out.metrics.items()) + note
                                + (" | samples " + ", ".join(f"{k} {v}" for k, v in mix.items()) if len(mix) > 1 else ""))
                 window_tokens, window_time, window_busy, window_steps = 0, 0.0, 0.0, 0
             if t.eval_interval and trainer.valid_sets and (done % t.eval_interval == 0 or done == t.iters):
@@ -286,32 +304,48 @@ def _loop(cfg: Config, pstate: ParallelState, trainer: Trainer, out_dir: Path, s
                 continue
             stopped = stop.check(pstate, out.seconds)  # collective: every rank stops at the same step
             if done < t.iters and (stopped or (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0)):
-                save(done)
+                with clock.part("save"):
+                    save(done)
                 last_saved = done
             if stopped:
                 if done == t.iters:  # the request came during the last step: the run is complete anyway
                     stopped = None
                 break
         if saver is not None:
-            if last_saved != trainer.iteration:  # the end of training is always saved
-                save(trainer.iteration)
-            saver.raise_if_failed(saver.wait() or saver.last)
+            with clock.part("save"):
+                if last_saved != trainer.iteration:  # the end of training is always saved
+                    save(trainer.iteration)
+                saver.raise_if_failed(saver.wait() or saver.last)
+    except BaseException:
+        logger.close()
+        raise
+
+    try:
+        if stopped is not None:
+            trainer.close()
+            _account(clock, result, logger, trainer.iteration)
+            where = saver.last.published.path if saver.last and saver.last.published else cfg.checkpoint.dir
+            raise RunStopped(f"{stopped} at step {trainer.iteration}/{t.iters}; checkpoint {where}; continue with "
+                             f"checkpoint.load=auto")
+        with clock.part("save"):
+            trainer.save_weights(out_dir / "model.safetensors")  # collective: every layout writes canonical weights
+        trainer.close()  # the data-parallel grad hooks would keep the process groups alive (see train())
+        if pstate.is_rank0 and t.sample_prompt is not None:
+            from engine.generate import generate_text, load_run
+
+            # The sample comes from the file just written, so what it shows is what `tessera generate` gets.
+            _, model, _ = load_run(out_dir, device=str(device))
+            result.sample = generate_text(model, tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,
+                                          temperature=0.8, top_k=40, seed=t.seed, device=device)
+            print(f"\n--- sample ---\n{result.sample}\n--------------", flush=True)
+        _account(clock, result, logger, trainer.iteration)
     finally:
         logger.close()
-
-    if stopped is not None:
-        trainer.close()
-        where = saver.last.published.path if saver.last and saver.last.published else cfg.checkpoint.dir
-        raise RunStopped(f"{stopped} at step {trainer.iteration}/{t.iters}; checkpoint {where}; continue with "
-                         f"checkpoint.load=auto")
-    trainer.save_weights(out_dir / "model.safetensors")  # collective: every layout writes canonical weights
-    trainer.close()  # the data-parallel grad hooks would keep the process groups alive (see train())
-    if pstate.is_rank0 and t.sample_prompt is not None:
-        from engine.generate import generate_text, load_run
-
-        # The sample comes from the file just written, so what it shows is what `tessera generate` gets.
-        _, model, _ = load_run(out_dir, device=str(device))
-        result.sample = generate_text(model, tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,
-                                      temperature=0.8, top_k=40, seed=t.seed, device=device)
-        print(f"\n--- sample ---\n{result.sample}\n--------------", flush=True)
     return result
+
+
+def _account(clock: RunClock, result: TrainResult, logger: MetricsLogger, step: int) -> None:
+    """The end-of-run summary: the wall time by part as the last record of metrics.jsonl and one console line."""
+    result.wall = clock.split()
+    logger.log({"step": step, **{f"wall_s/{k}": v for k, v in result.wall.items()}, "steps_this_run": clock.steps})
+    logger.console(format_run_split(result.wall, clock.steps))

@@ -33,6 +33,7 @@ from engine.checkpoint.files import StepDir, latest_step, resolve_checkpoint
 from engine.checkpoint.meta import read_meta
 from engine.config import Config, validate
 from engine.convert.from_hf import HF_PREFIX, HFSource, hf_record
+from engine.data.special_tokens import tokenizer_for_objective
 from engine.data.tokenizers import build_tokenizer, tokenizer_record
 from engine.data.tokenizer_extend import vocabulary_prefix_matches
 from engine.errors import CheckpointError, ConfigError, TokenizerProblem
@@ -104,7 +105,7 @@ def plan_start(cfg: Config, log: Callable[[str], None] = lambda s: None) -> Star
         cfg.model = src.model_config(cfg.model)  # its config.json sets the architecture
         plan = StartPlan("hf", hf=src, iteration=ck.start_iteration or 0)
         if ck.new_token_init is not None:
-            grown = build_tokenizer(cfg.data.tokenizer).vocab_size
+            grown = tokenizer_for_objective(cfg.data.tokenizer, cfg.train.objective).vocab_size
             if grown > cfg.model.vocab_size:
                 plan.old_vocab, cfg.model.vocab_size = cfg.model.vocab_size, grown
         validate(cfg)
@@ -130,7 +131,7 @@ def plan_start(cfg: Config, log: Callable[[str], None] = lambda s: None) -> Star
         arch = {k: saved_model[k] for k in ARCH_SOURCE_FIELDS if k in saved_model}
         cfg.model = dataclasses.replace(cfg.model, preset=None, **arch)
         saved_vocab = int(saved_model.get("vocab_size") or 0)
-        vocab = build_tokenizer(cfg.data.tokenizer).vocab_size
+        vocab = tokenizer_for_objective(cfg.data.tokenizer, cfg.train.objective).vocab_size
         if ck.new_token_init is not None and vocab > saved_vocab > 0:
             plan.old_vocab, cfg.model.vocab_size = saved_vocab, vocab
             if not ck.reset_optimizer:
@@ -178,13 +179,13 @@ def _check_tokenizer_early(plan: StartPlan, cfg: Config) -> None:
     if plan.hf is not None:
         if not plan.hf.tokenizer_files():
             return
-        recorded = tokenizer_record(build_tokenizer(HF_PREFIX + str(plan.hf.dir)))
+        recorded = tokenizer_record(tokenizer_for_objective(HF_PREFIX + str(plan.hf.dir), cfg.train.objective))
         where = f"checkpoint.init_from {cfg.checkpoint.init_from!r}"
     else:
         recorded = (plan.meta or {}).get("tokenizer")
         where = f"{'checkpoint.load' if plan.kind == 'resume' else 'checkpoint.init_from'} {str(plan.path)!r}"
     if recorded:
-        check_tokenizer(recorded, build_tokenizer(cfg.data.tokenizer), where)
+        check_tokenizer(recorded, tokenizer_for_objective(cfg.data.tokenizer, cfg.train.objective), where)
 
 
 def start_run(trainer, plan: StartPlan, log: Callable[[str], None]) -> Origin:

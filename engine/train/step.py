@@ -20,31 +20,49 @@ from engine.parallel.sharding import ShardSpec
 from engine.parallel.state import ParallelState
 
 
+# Per-sample features that travel with a micro-batch to the model and the loss, beside inputs and targets.
+FEATURES = ("position_ids", "doc_ids", "loss_mask", "token_types", "nsp_label")
+
+
 def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """{"tokens": [B, S+1], ...} -> inputs [B, S], targets [B, S] and the optional masking features."""
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    for key in ("position_ids", "doc_ids", "loss_mask"):
+    """{"tokens": [B, S+1], ...} -> inputs [B, S], targets [B, S] and the optional masking features.
+    A masked-LM batch already holds "inputs" and "targets" [B, S] (the targets are not a shift of the inputs)."""
+    if "inputs" in batch:
+        out = {k: batch[k].to(device, non_blocking=True) for k in ("inputs", "targets")}
+    else:
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    for key in FEATURES:
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
     return out
 
 
+LossFn = Callable[[object, dict[str, torch.Tensor]], torch.Tensor]
+
+
 def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab_size: int,
-                     fused: bool = False, pstate: Optional[ParallelState] = None) -> torch.Tensor:
-    logits = model(batch["inputs"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+                     fused: bool = False, pstate: Optional[ParallelState] = None,
+                     loss_fn: Optional[LossFn] = None) -> torch.Tensor:
+    """loss_fn(model output, batch) -> scalar; None = the next-token loss of the logits."""
+    out = model(batch["inputs"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"),
+                token_types=batch.get("token_types"))
+    if loss_fn is not None:
+        return loss_fn(out, batch)
     # at tp > 1 the logits are this rank's vocabulary columns: the loss is vocab-parallel
-    return lm_loss(logits, batch["targets"], vocab_size, batch.get("loss_mask"), fused=fused, pstate=pstate)
+    return lm_loss(out, batch["targets"], vocab_size, batch.get("loss_mask"), fused=fused, pstate=pstate)
 
 
 def forward_backward(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], vocab_size: int,
                      autocast: Callable[[], contextlib.AbstractContextManager], loss_scale: float = 1.0,
                      no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
-                     fused: bool = False, pstate: Optional[ParallelState] = None) -> list[float]:
+                     fused: bool = False, pstate: Optional[ParallelState] = None,
+                     loss_fn: Optional[LossFn] = None, lap: Optional[Callable[[str], None]] = None) -> list[float]:
     """Gradient accumulation over `batches` (split by `split_batch`, on the device): grads end up as
     d(mean over micro-batches of loss * loss_scale)/dθ.
 
     `no_sync` (data parallel) suppresses gradient reduction on every micro-batch but the last.
+    `lap(phase)` marks the end of each forward and backward (engine/train/timing.py StepTimer.lap).
     Returns the per-micro-batch losses (unscaled floats).
     """
     losses = []
@@ -53,8 +71,12 @@ def forward_backward(model: torch.nn.Module, batches: Sequence[dict[str, torch.T
         sync_ctx = no_sync() if (no_sync is not None and i < n_micro - 1) else contextlib.nullcontext()
         with sync_ctx:
             with autocast():
-                loss = micro_batch_loss(model, batch, vocab_size, fused, pstate)
+                loss = micro_batch_loss(model, batch, vocab_size, fused, pstate, loss_fn)
+            if lap is not None:
+                lap("forward")
             (loss * (loss_scale / n_micro)).backward()
+            if lap is not None:
+                lap("backward")
         losses.append(loss.detach())
     return [float(x) for x in torch.stack(losses).cpu()]
 
@@ -62,11 +84,11 @@ def forward_backward(model: torch.nn.Module, batches: Sequence[dict[str, torch.T
 @torch.no_grad()
 def forward_only(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], vocab_size: int,
                  autocast: Callable[[], contextlib.AbstractContextManager], fused: bool = False,
-                 pstate: Optional[ParallelState] = None) -> list[float]:
+                 pstate: Optional[ParallelState] = None, loss_fn: Optional[LossFn] = None) -> list[float]:
     losses = []
     for batch in batches:
         with autocast():
-            losses.append(micro_batch_loss(model, batch, vocab_size, fused, pstate).detach())
+            losses.append(micro_batch_loss(model, batch, vocab_size, fused, pstate, loss_fn).detach())
     return [float(x) for x in torch.stack(losses).cpu()]
 
 

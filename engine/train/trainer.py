@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import random
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -30,8 +31,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from engine.config import Config, ConfigError
-from engine.data import PretrainingSampler, Tokenizer, build_datasets, build_tokenizer
-from engine.model.loss import lm_loss
+from engine.data import PretrainingSampler, Tokenizer, build_datasets
+from engine.data.special_tokens import tokenizer_for_objective
+from engine.model.loss import PRETRAIN_STATS, lm_loss, pretraining_loss, pretraining_metrics
 from engine.optim import lr_at
 from engine.parallel.collectives import all_gather_flat
 from engine.parallel.pipeline.executor import forward_backward_pipeline, forward_only_pipeline
@@ -41,6 +43,7 @@ from engine.precision import DynamicLossScaler, autocast, unscale_and_check
 from engine.train.build import Built, build
 from engine.train.faults import FaultMonitor
 from engine.train.step import complete_grads, forward_backward, forward_only, split_batch
+from engine.train.timing import StepTimer
 from engine.train.watchdog import Watchdog
 from engine.checkpoint.weights import canonical_specs, save_weights
 
@@ -51,8 +54,9 @@ STATE_FORMAT = "tessera.trainer.v1"
 
 def resolve_vocab(cfg: Config) -> Tokenizer:
     """Build the configured tokenizer and fill model.vocab_size from it (0 = take the tokenizer's), or fail
-    if the model's vocabulary is smaller than the tokenizer's."""
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    if the model's vocabulary is smaller than the tokenizer's. The masked-LM objectives add [CLS], [SEP], [MASK]
+    and [PAD] where the tokenizer has none (engine/data/special_tokens.py)."""
+    tokenizer = tokenizer_for_objective(cfg.data.tokenizer, cfg.train.objective)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
     elif tokenizer.vocab_size > cfg.model.vocab_size:
@@ -70,6 +74,7 @@ class StepResult:
     seconds: float
     fault: Optional[str] = None  # why the step was skipped as a fault (engine/train/faults.py)
     busy_seconds: float = 0.0  # data + forward/backward on this rank, before it waits for the others
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # mlm objectives: mlm_acc, nsp_loss ...
 
 
 def _loader(dataset, sampler: PretrainingSampler) -> Iterator[dict]:
@@ -99,14 +104,21 @@ class Trainer:
         seed_parallel_rng(t.seed, pstate)  # default stream per pp stage + a per-tp-rank stream for dropout
         self.tokenizer = tokenizer or resolve_vocab(cfg)  # it fixes the vocabulary the model is built for
         self.out_dir = Path(t.out_dir)
+        t_build = time.perf_counter()
         self.built: Built = build(cfg, pstate)
+        self.build_seconds = time.perf_counter() - t_build  # model + optimizer: the run's accounting (loop.py)
         self.scaler = DynamicLossScaler(cfg.precision.initial_loss_scale, cfg.precision.loss_scale_window,
                                         cfg.precision.hysteresis, cfg.precision.min_loss_scale) \
             if cfg.precision.dtype == "fp16" else None
         self.n_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp)
         self.iteration, self.consumed_samples = int(start[0]), int(start[1])
+        t_data = time.perf_counter()
         self._build_data()
+        self.data_build_seconds = time.perf_counter() - t_data
+        self.timer = StepTimer(pstate.device)  # off; `tessera bench throughput` enables it (engine/train/timing.py)
         self._fused = cfg.model.fused_ops
+        self._stats: list[torch.Tensor] = []  # per-micro-batch objective statistics of the running step
+        self.eval_metrics: dict[str, dict[str, float]] = {}  # the last evaluation's, per validation set
 
     # ------------------------------------------------------------ data
     def _build_data(self) -> None:
@@ -156,9 +168,28 @@ class Trainer:
     def _autocast(self) -> Any:
         return autocast(self.cfg.precision.dtype, self.pstate.device)
 
-    def _loss_fn(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return lm_loss(logits, batch["targets"], self.cfg.model.vocab_size, batch.get("loss_mask"),
-                       fused=self._fused, pstate=self.pstate)
+    def _loss_fn(self, out: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The objective's loss of one micro-batch from the last stage's output (train.objective)."""
+        if self.cfg.train.objective == "causal":
+            return lm_loss(out, batch["targets"], self.cfg.model.vocab_size, batch.get("loss_mask"),
+                           fused=self._fused, pstate=self.pstate)
+        loss, stats = pretraining_loss(out, batch, self.cfg.model.vocab_size, self.cfg.train.nsp_weight,
+                                       fused=self._fused, pstate=self.pstate)
+        self._stats.append(stats)  # summed per step by _objective_metrics
+        return loss
+
+    def _objective_metrics(self) -> dict[str, float]:
+        """The masked-LM / next-sentence metrics of the micro-batches since the last call, over the global batch
+        (summed over data-parallel ranks; only the last pipeline stage computes them: summed over pp too)."""
+        stats, self._stats = self._stats, []
+        if self.cfg.train.objective == "causal":
+            return {}
+        total = torch.stack(stats).sum(0) if stats else torch.zeros(len(PRETRAIN_STATS), dtype=torch.float64,
+                                                                      device=self.pstate.device)
+        for group, size in ((self.pstate.dp_group, self.pstate.dp), (self.pstate.pp_group, self.pstate.pp)):
+            if size > 1:
+                dist.all_reduce(total, group=group)
+        return pretraining_metrics(total)
 
     def count_parameters(self) -> int:
         """Parameters of the whole canonical model (collective: every rank calls it)."""
@@ -178,9 +209,10 @@ class Trainer:
             return forward_backward_pipeline(
                 b.chunks, batches, self.pstate, schedule=p.schedule, loss_fn=self._loss_fn, seq_len=self.cfg.seq_len,
                 micro_batch_size=t.micro_batch_size, d_model=self.cfg.model.d_model, autocast=self._autocast,
-                loss_scale=scale, ddp=b.ddp)
+                loss_scale=scale, ddp=b.ddp, lap=self.timer.lap)
         return forward_backward(b.forward, batches, self.cfg.model.vocab_size, self._autocast, loss_scale=scale,
-                                no_sync=b.ddp.no_sync, fused=self._fused, pstate=self.pstate)
+                                no_sync=b.ddp.no_sync, fused=self._fused, pstate=self.pstate, loss_fn=self._loss_fn,
+                                lap=self.timer.lap)
 
     def _beat(self, step: int, phase: str) -> None:
         if self.watchdog is not None:
@@ -195,6 +227,7 @@ class Trainer:
         whose loss spikes, is skipped (no update) and counted (engine/train/faults.py): every rank decides
         alike, from the global loss and norm, with no extra device sync."""
         t0 = time.perf_counter()
+        self.timer.begin()  # the phase breakdown: no-ops unless a benchmark enabled it
         b, o = self.built, self.cfg.optim
         step = self.iteration + 1
         lr = lr_at(self.iteration, o, self.cfg.train.iters)
@@ -203,8 +236,10 @@ class Trainer:
         if b.fp8 is not None:
             b.fp8.begin_step()  # weights changed in the last step: cast them once for this step's micro-batches
         scale = self.scaler.scale if self.scaler else 1.0
+        self.timer.lap("other")
         self._beat(step, "data loading")
         batches = self._next_batches()
+        self.timer.lap("data")
         self._beat(step, "forward/backward")
         losses = self._forward_backward(batches, scale)
         busy = time.perf_counter() - t0  # this rank's own work; waiting for slower ranks comes after
@@ -213,6 +248,8 @@ class Trainer:
         if b.fp8 is not None:
             b.fp8.update(self.pstate)  # delayed scaling: this step's amaxes (max over tp, dp) -> next scales
         loss = _sync_mean(losses, self.pstate.dp_group, self.pstate.device)  # the global-batch loss, every rank
+        metrics = self._objective_metrics()
+        self.timer.lap("communication")
         verdict = self.faults.check_loss(loss)
         overflow = False
         if self.scaler is not None:  # fp16: an overflow is the loss scaler's business, not a fault
@@ -227,14 +264,16 @@ class Trainer:
             if not verdict.bad:
                 self._beat(step, "optimizer step")
                 b.optimizer.step()
+        self.timer.lap("optimizer")
         self.iteration += 1
         self.consumed_samples += self.cfg.train.global_batch_size
         if self.pstate.device.type == "cuda":
             torch.cuda.synchronize(self.pstate.device)
         self._idle("between steps")  # logging, evaluation and saving come next
         self.faults.record(step, loss, verdict)  # raises NumericalFault after too many bad steps
+        self.timer.end()
         return StepResult(loss, lr, grad_norm, overflow or verdict.bad, time.perf_counter() - t0, verdict.reason,
-                          busy)
+                          busy, metrics)
 
     def rank_step_times(self, mean_seconds: float) -> list[float]:
         """Every rank's mean busy time per step (collective over the world; straggler detection at log
@@ -254,9 +293,10 @@ class Trainer:
             return forward_only_pipeline(b.chunks, batches, self.pstate, loss_fn=self._loss_fn,
                                          seq_len=self.cfg.seq_len, micro_batch_size=t.micro_batch_size,
                                          d_model=self.cfg.model.d_model, autocast=self._autocast)
-        # the eager chunk: a compiled forward would compile again for no_grad evaluation
+        # the chunk itself: with train.compile its blocks run eagerly in eval mode (engine/train/build.py
+        # wrap_blocks), so evaluation compiles nothing for its no_grad forwards
         return forward_only(b.chunks[0], batches, self.cfg.model.vocab_size, self._autocast, fused=self._fused,
-                            pstate=self.pstate)
+                            pstate=self.pstate, loss_fn=self._loss_fn)
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the first `eval_iters` global batches of each validation set (the same batches
@@ -267,6 +307,7 @@ class Trainer:
         for c in self.chunks:
             c.eval()
         out = {}
+        self.eval_metrics = {}  # {set: mlm_acc, nsp_loss ...} (mlm objectives)
         t = self.cfg.train
         for name, ds in self.valid_sets.items():
             n = min(t.eval_iters, len(ds) // t.global_batch_size) * self.n_micro  # micro-batches on this rank
@@ -277,7 +318,9 @@ class Trainer:
                                          global_batch_size=t.global_batch_size)
             it = _loader(ds, sampler)
             batches = [split_batch(next(it), self.pstate.device) for _ in range(n)]
+            self._stats = []
             out[name] = _sync_mean(self._forward_only(batches), self.pstate.dp_group, self.pstate.device)
+            self.eval_metrics[name] = self._objective_metrics()
         for c in self.chunks:
             c.train()
         return out

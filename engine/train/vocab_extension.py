@@ -18,12 +18,17 @@ import torch
 
 __all__ = ["VOCAB_TENSORS", "extend_rows", "new_rows"]
 
-VOCAB_TENSORS = ("embed.weight", "head.weight")  # canonical tensors with a row per token
+VOCAB_TENSORS = ("embed.weight", "head.weight", "mlm_head.bias")  # canonical tensors with a row per token
 
 
 def new_rows(old: torch.Tensor, n_new: int, how: str, seed: int) -> torch.Tensor:
-    """[n_new, D] rows for new tokens from the old rows [V_old, D] (float64)."""
+    """[n_new, D] rows for new tokens from the old rows [V_old, D] (float64); for a per-token bias [V_old] (the
+    encoder's mlm_head.bias) [n_new] entries: zeros, or the old entries' mean."""
     x = old.detach().to("cpu", torch.float64)
+    if x.dim() == 1:
+        if how not in ("zeros", "mean_cov"):
+            raise ValueError(f"new_token_init: expected mean_cov or zeros, found {how!r}")
+        return torch.full((n_new,), 0.0 if how == "zeros" else float(x.mean()), dtype=torch.float64)
     if how == "zeros":
         return torch.zeros(n_new, x.shape[1], dtype=torch.float64)
     if how != "mean_cov":

@@ -29,6 +29,10 @@ def _nullctx() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _no_lap(phase: str) -> None:
+    """No step timer."""
+
+
 def forward_backward_pipeline(
     chunks: Sequence[nn.Module],
     batches: Sequence[dict[str, torch.Tensor]],
@@ -45,6 +49,7 @@ def forward_backward_pipeline(
     comm_dtype: torch.dtype = torch.float32,
     ddp: Optional[object] = None,
     wgrad_store: Optional[WeightGradStore] = None,
+    lap: Optional[Callable[[str], None]] = None,
 ) -> list[float]:
     """Forward and backward of the micro-batches `batches` over the pipeline, following `schedule`.
 
@@ -59,6 +64,8 @@ def forward_backward_pipeline(
       summed first); sum the tied copies and call ddp.finish_grad_sync() after this returns, as for pp=1.
     wgrad_store: where zero-bubble schedules keep deferred weight gradients between B and W (a new one
       when None).
+    lap(phase): called at the end of each piece of work with "forward", "backward" or "communication" (the
+      stage-to-stage receives and sends, waiting for the neighbouring stage included) for a step timer.
     """
     device = device or pstate.device
     n_micro = len(batches)
@@ -78,7 +85,8 @@ def forward_backward_pipeline(
     losses: dict[int, torch.Tensor] = {}
 
     with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
-        _run_actions(sched, chunks, comm, store, list(batches), losses, r, loss_scale / n_micro, loss_fn, autocast)
+        _run_actions(sched, chunks, comm, store, list(batches), losses, r, loss_scale / n_micro, loss_fn, autocast,
+                     lap or _no_lap)
     comm.wait_sends()
     return _broadcast_losses(losses, n_micro, pstate, device)
 
@@ -86,7 +94,8 @@ def forward_backward_pipeline(
 def _run_actions(sched: Schedule, chunks: Sequence[nn.Module], comm: StageP2P, store: Optional[WeightGradStore],
                  batches: list[dict[str, torch.Tensor]], losses: dict[int, torch.Tensor], r: int, scale: float,
                  loss_fn: LossFn,
-                 autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+                 autocast: Callable[[], contextlib.AbstractContextManager],
+                 lap: Callable[[str], None]) -> None:
     """This rank's action list: F receives/computes/sends, B receives a gradient/backprops/sends, W flushes."""
     last_stage = sched.num_stages - 1
     saved: dict[tuple[int, int], tuple[Optional[torch.Tensor], torch.Tensor]] = {}  # (mb, chunk) -> (input, output)
@@ -99,29 +108,38 @@ def _run_actions(sched: Schedule, chunks: Sequence[nn.Module], comm: StageP2P, s
                 x = batch["inputs"]  # [B, S] token ids
             else:
                 x = comm.recv_forward(a.mb, a.chunk).requires_grad_(True)  # [B, S, D]
+                lap("communication")
             defer = defer_weight_grads(store) if store is not None else contextlib.nullcontext()
             with autocast(), defer:
-                out = chunks[a.chunk](x, position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+                out = chunks[a.chunk](x, position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"),
+                    token_types=batch.get("token_types"))
                 if s == last_stage:
                     loss = loss_fn(out, batch)
+            lap("forward")
             if s == last_stage:
                 losses[a.mb] = loss.detach()
                 out = loss * scale
             else:
                 comm.send_forward(out, a.mb, a.chunk)
+                lap("communication")
             saved[key] = (x if s > 0 else None, out)
         elif a.kind == "B":
             x, out = saved.pop(key)
             grad = None if s == last_stage else comm.recv_backward(a.mb, a.chunk).to(out.dtype)
+            if s != last_stage:
+                lap("communication")
             ctx = store.capture(key) if store is not None else contextlib.nullcontext()
             with ctx:
                 torch.autograd.backward(out, grad)
+            lap("backward")
             if s > 0:
                 gx = x.grad if x.grad is not None else torch.zeros_like(x)  # stage output ignores its input
                 comm.send_backward(gx, a.mb, a.chunk)
+                lap("communication")
         else:  # W: the deferred weight gradients of this (micro-batch, chunk)
             assert store is not None
             store.flush(key)
+            lap("backward")
 
 
 @torch.no_grad()
@@ -152,7 +170,8 @@ def forward_only_pipeline(
             s = c * pp + r
             x = batch["inputs"] if s == 0 else comm.recv_forward(mb, c)
             with autocast():
-                out = chunks[c](x, position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+                out = chunks[c](x, position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"),
+                    token_types=batch.get("token_types"))
                 if s == last_stage:
                     losses[mb] = loss_fn(out, batch).detach()
             if s != last_stage:
