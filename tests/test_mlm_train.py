@@ -12,7 +12,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch.distributed as dist
 
 from tests.dist_utils import run_distributed
