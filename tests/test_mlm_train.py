@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 
 from tests.dist_utils import run_distributed
@@ -152,3 +153,26 @@ def test_the_example_config_trains(tmp_path):
                  f"train.out_dir={tmp_path / 'ex'}", "train.tensorboard=false", "train.progress=false"]) == 0
     recs = _records(str(tmp_path / "ex"))
     assert recs and all(k in recs[-1] for k in METRICS)
+
+
+def test_prior_weights_fix_the_architecture_and_the_objective_must_fit(tmp_path):
+    """init_from takes model.encoder / model.binary_head from the weights: an objective that does not fit them is
+    one error naming the checkpoint and what to set, before anything is built."""
+    from engine.errors import ConfigError
+
+    ck = tmp_path / "ck"
+    _run(_tree(str(tmp_path / "bert"), iters=1, checkpoint={"dir": str(ck)}, train={"eval_interval": 0}))
+    step = str(ck / "step-0000001")
+    with pytest.raises(ConfigError, match="next-sentence head .*expected train.objective=mlm\\+nsp"):
+        _run(_tree(str(tmp_path / "mlm"), objective="mlm", iters=2, checkpoint={"init_from": step}))
+    # a decoder's weights cannot start a masked-LM run
+    dec = {"model": {"preset": "tiny", "vocab_size": 0, "d_model": 32, "n_layers": 2, "n_heads": 4,
+                     "max_seq_len": 32},
+           "data": {"tokenizer": "byte", "train": [{"path": "builtin:pydoc"}], "split": "90,10,0"},
+           "train": {"iters": 1, "eval_interval": 0, "micro_batch_size": 2, "global_batch_size": 2, "device": "cpu",
+                     "out_dir": str(tmp_path / "dec"), "tensorboard": False, "progress": False},
+           "checkpoint": {"dir": str(tmp_path / "dck")}, "precision": {"dtype": "fp32"}}
+    _run(dec)
+    with pytest.raises(ConfigError, match="holds a decoder .*expected train.objective causal"):
+        _run(_tree(str(tmp_path / "m2"), objective="mlm", iters=2,
+                   checkpoint={"init_from": str(tmp_path / "dck" / "step-0000001")}))

@@ -108,6 +108,7 @@ def plan_start(cfg: Config, log: Callable[[str], None] = lambda s: None) -> Star
             grown = tokenizer_for_objective(cfg.data.tokenizer, cfg.train.objective).vocab_size
             if grown > cfg.model.vocab_size:
                 plan.old_vocab, cfg.model.vocab_size = cfg.model.vocab_size, grown
+        _check_objective_fits(cfg)
         validate(cfg)
     else:
         step = resolve_checkpoint(ck.init_from, "checkpoint.init_from")
@@ -138,6 +139,7 @@ def plan_start(cfg: Config, log: Callable[[str], None] = lambda s: None) -> Star
                 raise ConfigError(f"checkpoint.new_token_init with reset_optimizer=false: a grown vocabulary "
                                   f"({saved_vocab} -> {vocab}) starts with fresh optimizer state; expected "
                                   f"reset_optimizer=true")
+        _check_objective_fits(cfg)
         validate(cfg)
     if plan.old_vocab is not None:
         _check_grown_tokenizer(plan, cfg)
@@ -172,6 +174,21 @@ def _check_grown_tokenizer(plan: StartPlan, cfg: Config) -> None:
         raise TokenizerProblem(f"checkpoint.new_token_init: data.tokenizer={cfg.data.tokenizer!r} does not keep the ids "
                                f"of the tokenizer {where!r} was trained with ({old.vocab_size} tokens, end-of-document "
                                f"{old.eod_id}); grow it with `tessera tokenizer extend`, which appends new ids")
+
+
+def _check_objective_fits(cfg: Config) -> None:
+    """The prior weights fixed the architecture (model.encoder, model.binary_head): say so when the objective
+    does not fit it, instead of asking for a model field the run cannot change."""
+    m, objective, src = cfg.model, cfg.train.objective, cfg.checkpoint.init_from
+    if m.encoder and m.binary_head and objective == "mlm":
+        raise ConfigError(f"train.objective=mlm: checkpoint.init_from {src!r} has a next-sentence head "
+                          f"(model.binary_head=true, taken from it) that masked-LM alone would leave untrained; "
+                          f"expected train.objective=mlm+nsp (train.nsp_weight weighs it)")
+    if m.encoder != (objective != "causal"):
+        raise ConfigError(f"train.objective={objective}: checkpoint.init_from {src!r} holds "
+                          f"{'an encoder' if m.encoder else 'a decoder'} (model.encoder={str(m.encoder).lower()}, "
+                          f"taken from it); expected train.objective "
+                          f"{'mlm or mlm+nsp' if m.encoder else 'causal'}")
 
 
 def _check_tokenizer_early(plan: StartPlan, cfg: Config) -> None:
