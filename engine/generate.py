@@ -32,6 +32,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Config, Transfor
     cfg_path, weights = run / "config.yaml", run / "model.safetensors"
     if not (cfg_path.is_file() and weights.is_file()) and is_checkpoint_path(run):
         ck = ModelCheckpoint.open(run, "checkpoint")
+        _check_decoder(ck.config, run)
         model = _empty_model(ck.config, device)
         ck.load_into(model)
         model.eval()
@@ -41,11 +42,20 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Config, Transfor
             raise RunDirError(f"run directory {str(run)!r}: expected {f.name} (written at the end of "
                               f"`tessera train`), found none{_checkpoint_hint(cfg_path)}")
     cfg = load_config(cfg_path)
+    _check_decoder(cfg, run)
     # Canonical weights (real vocabulary) into a one-process model; the vocabulary padding is added here.
     model = _empty_model(cfg, device)
     load_weights(model, weights)
     model.eval()
     return cfg, model, build_tokenizer(cfg.data.tokenizer)
+
+
+def _check_decoder(cfg: Config, run: Path) -> None:
+    """Before any weight is read: an encoder predicts masked positions and cannot generate left to right."""
+    if cfg.model.encoder:
+        raise ConfigError(f"generate: {str(run)!r} holds an encoder (model.encoder=true, trained with "
+                          f"train.objective={cfg.train.objective}): it predicts masked positions and cannot generate "
+                          f"text left to right; expected a decoder's run or checkpoint")
 
 
 def _checkpoint_hint(cfg_path: Path) -> str:
@@ -71,10 +81,6 @@ def generate_ids(model: Transformer, ids: list[int], max_new_tokens: int, temper
     sampling a stop_id ends generation without appending it. The model sees at most its last
     cfg.max_seq_len tokens, and only the real vocabulary (padded logit columns are never sampled).
     """
-    if getattr(model.cfg, "encoder", False):  # (test doubles carry only the fields generation reads)
-        raise ConfigError("generate: this model is an encoder (model.encoder=true, trained with a masked-LM "
-                          "objective): it predicts masked positions and cannot generate text left to right; "
-                          "expected a decoder")
     if not ids:
         raise ValueError("generate: expected at least one prompt token, found none")
     if top_k is not None and top_k < 0:

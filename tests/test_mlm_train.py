@@ -155,6 +155,19 @@ def test_the_example_config_trains(tmp_path):
     assert recs and all(k in recs[-1] for k in METRICS)
 
 
+def test_generate_refuses_an_encoder_run(tmp_path, capsys):
+    """`tessera generate` on a masked-LM run: one error (exit 2) before any weight is read."""
+    from engine.cli import main
+
+    _run(_tree(str(tmp_path / "enc"), objective="mlm", iters=1, train={"eval_interval": 0},
+               checkpoint={"dir": str(tmp_path / "ck")}))
+    for target in (tmp_path / "enc", tmp_path / "ck"):  # a run directory and a checkpoint root
+        capsys.readouterr()
+        assert main(["generate", str(target), "--prompt", "The "]) == 2
+        err = capsys.readouterr().err
+        assert "holds an encoder" in err and "expected a decoder" in err, err
+
+
 def test_prior_weights_fix_the_architecture_and_the_objective_must_fit(tmp_path):
     """init_from takes model.encoder / model.binary_head from the weights: an objective that does not fit them is
     one error naming the checkpoint and what to set, before anything is built."""
